@@ -1,0 +1,154 @@
+"""The one small interface between the daemon and an inference backend.
+
+The daemon renders prompts, tokenizes them and maps wire messages to these
+types; a backend only generates. Our PyTorch engine (`npcd.engine`) is the
+first implementation. The shapes here were chosen so that a TensorRT-LLM
+backend fits behind them too: an adapter is loaded once under a name (which
+maps to a TensorRT-LLM LoRA task id), `max_lora_rank` and `max_resident`
+mirror its LoRA cache limits, and requests carry token ids, not text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Union
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"            # EOS or a stop string
+    LENGTH = "length"        # max_tokens or the engine's max sequence length
+    CANCELLED = "cancelled"  # the caller cancelled (or disconnected)
+    DEADLINE = "deadline"    # the request's deadline passed
+    ERROR = "error"          # this request failed; the others go on
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature == 0 means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None   # name given to load_adapter(); None runs the base model
+    prefix_len: int = 0          # leading prompt tokens shared by a persona's requests (KV reused)
+    priority: int = 0            # higher is scheduled first (player-facing > ambient)
+    deadline: float | None = None  # time.monotonic() after which the request is ended
+
+
+@dataclass(frozen=True)
+class Started:
+    request_id: str
+    queue_position: int  # requests waiting ahead of this one when it was accepted
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    request_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    reason: FinishReason
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    queued_ms: float       # submit -> first scheduled
+    first_token_ms: float  # submit -> first token (0 when none was produced)
+    total_ms: float        # submit -> finished
+    cached_prompt_tokens: int = 0  # prompt tokens served from the persona prefix cache
+    error: str | None = None
+
+
+Event = Union[Started, TextDelta, Finished]
+
+
+class BackendError(Exception):
+    """Base of the errors a backend raises at submit / adapter time."""
+
+
+class QueueFull(BackendError):
+    """The bounded admission queue is full (maps to RESOURCE_EXHAUSTED)."""
+
+
+class UnknownAdapter(BackendError):
+    """A request names an adapter that was never loaded (maps to NOT_FOUND)."""
+
+
+class InvalidRequest(BackendError):
+    """A request does not fit the engine (maps to INVALID_ARGUMENT)."""
+
+
+class AdapterError(BackendError):
+    """An adapter was refused; the message names the file or tensor and why."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    scaling: float
+    target_modules: tuple[str, ...]
+    version: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queue_depth: int
+    running: int
+    max_batch_size: int
+    adapters_resident: int
+    adapters_known: int
+    tokens_generated: int    # since start
+    prompt_tokens: int       # since start, prefilled (cache hits excluded)
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    steps: int
+    last_batch_size: int
+
+
+class Backend(Protocol):
+    """What the daemon needs from an inference backend."""
+
+    tokenizer: object  # a transformers tokenizer for the base model
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self, grace_s: float = 5.0) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Queue a request; the iterator yields Started, TextDelta*, Finished.
+
+        Raises QueueFull, UnknownAdapter or InvalidRequest before anything is queued.
+        """
+        ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load (or replace) a PEFT adapter; running requests keep the version they started with."""
+        ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def adapters(self) -> dict[str, AdapterInfo]: ...
+
+    def stats(self) -> EngineStats: ...
