@@ -362,7 +362,7 @@ class Engine:
             if len(seq.generated) == 1:
                 seq.first_token_at = now
             rid = seq.request.request_id
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not seq.request.sampling.ignore_eos:
                 self._send(seq, seq.detok.flush())
                 self._finish(seq, FinishReason.STOP)
                 continue

@@ -331,3 +331,24 @@ def test_async_engine_streams_and_cancels(tiny_config, tiny_adapters):
     assert "".join(e.text for e in got_a if isinstance(e, TextDelta)) == got_a[-1].text
     assert got_b[-1].reason == FinishReason.CANCELLED and got_b[-1].completion_tokens < 400
     assert backend.stats().running == 0
+
+
+def test_real_model_matches_transformers(real_model_dir):
+    """The embedded SmolLM2 through our forward: same logits and greedy text as LlamaForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    from npcd.config import EngineConfig
+
+    engine = Engine(EngineConfig(dtype="float32", device="cpu", max_batch_size=2, max_seq_len=128))
+    chat = [{"role": "system", "content": "You are a bitter forest elf."}, {"role": "user", "content": "Who are you?"}]
+    prompt = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    got = engine.score([prompt], [None])[0]
+    model = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt])).logits[0]
+        ref_ids = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    text = engine.generate([GenerationRequest("real", prompt, SamplingParams(max_tokens=20))])[0].text
+    assert text == engine.tokenizer.decode(ref_ids, skip_special_tokens=True)
+    assert "forest" in text.lower() or len(text) > 20  # a real sentence, not noise
