@@ -27,6 +27,7 @@ class EngineConfig:
     max_queue: int = 256           # waiting requests before QUEUE_FULL
     prefix_cache_entries: int = 32  # persona prompt prefixes kept (per persona + adapter version)
     prefill_token_budget: int = 2048  # prompt tokens prefilled in one step
+    prefill_policy: str = "alternate"  # alternate: at most one prefill step between decodes; eager: prefill whenever requests wait
     threads: int = 0               # torch threads; 0 = all cores
 
     @classmethod
@@ -73,6 +74,8 @@ class EngineConfig:
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         need(self.prefix_cache_entries >= 0, f"prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
         need(self.prefill_token_budget >= 16, f"prefill_token_budget must be >= 16, got {self.prefill_token_budget}")
+        need(self.prefill_policy in ("alternate", "eager"),
+             f"prefill_policy must be alternate or eager, got {self.prefill_policy!r}")
         need(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
 
     def replace(self, **changes) -> "EngineConfig":

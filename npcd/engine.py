@@ -268,7 +268,8 @@ class Engine:
         self.drain_inbox()
         self._expire(time.monotonic())
         newcomers: list[Sequence] = []
-        if len(self.scheduler) and not (self._last_was_prefill and self.running):
+        decode_owed = self.config.prefill_policy == "alternate" and self._last_was_prefill and self.running
+        if len(self.scheduler) and not decode_owed:
             newcomers = self.scheduler.admit(self.kv.slots - len(self.running), self.config.prefill_token_budget,
                                              self._can_run)
         if newcomers:
