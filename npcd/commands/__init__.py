@@ -1,0 +1,1 @@
+"""The `npcd` subcommands, one module each (registered in npcd.cli.COMMANDS)."""

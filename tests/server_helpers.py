@@ -1,0 +1,110 @@
+"""What the daemon tests share: persona files, a daemon on loopback, and event bookkeeping."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+
+from npcd._proto import npcd_pb2 as pb
+from npcd._proto import npcd_pb2_grpc
+from npcd.config import EngineConfig
+from npcd.daemon import Daemon, DaemonThread
+from npcd.daemon_config import DaemonConfig
+
+RPC_TIMEOUT_S = 60
+
+
+def write_persona(directory: Path, persona_id: str, *, adapter: Path | None = None, system_prompt: str | None = None,
+                  display_name: str | None = None, extra: str = "") -> Path:
+    path = directory / f"{persona_id}.yaml"
+    lines = [
+        f"id: {persona_id}",
+        f"display_name: {display_name or persona_id.title()}",
+        f"description: The {persona_id} of the test village.",
+        f"system_prompt: {system_prompt or f'You are the {persona_id}. Answer in one short sentence.'}",
+        "sampling: {temperature: 0, max_tokens: 8}",
+    ]
+    if adapter is not None:
+        lines.append(f"adapter: {adapter}")
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def engine_config(model_dir: Path, **changes) -> EngineConfig:
+    base = EngineConfig(base=str(model_dir), dtype="float32", device="cpu", max_batch_size=32, max_seq_len=1024,
+                        max_resident_adapters=4, max_queue=128, threads=2)
+    return dataclasses.replace(base, **changes)
+
+
+@contextlib.contextmanager
+def running_daemon(personas: Path, engine: EngineConfig, **settings) -> Iterator[tuple[Daemon, npcd_pb2_grpc.NpcdStub]]:
+    """A real daemon on a free loopback port and a real gRPC client for it."""
+    config = DaemonConfig(listen="127.0.0.1:0", personas=personas, metrics="127.0.0.1:0", grace_s=2.0)
+    config = dataclasses.replace(config, **settings)
+    with DaemonThread(config, engine) as daemon:
+        with grpc.insecure_channel(daemon.address) as channel:
+            yield daemon, npcd_pb2_grpc.NpcdStub(channel)
+
+
+def say(stub: npcd_pb2_grpc.NpcdStub, **fields) -> list[pb.Event]:
+    return list(stub.Say(pb.SayRequest(**fields), timeout=RPC_TIMEOUT_S))
+
+
+def check_stream(events: list[pb.Event], request_id: str) -> pb.Finished:
+    """One request's events are Started, TextDelta*, Finished, and the deltas add up to the text."""
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished", kinds
+    assert set(kinds[1:-1]) <= {"delta"}, kinds
+    assert all(e.request_id == request_id for e in events)
+    finished = events[-1].finished
+    assert "".join(e.delta.text for e in events[1:-1]) == finished.text
+    return finished
+
+
+def by_request(events: list[pb.Event]) -> dict[str, list[pb.Event]]:
+    out: dict[str, list[pb.Event]] = {}
+    for event in events:
+        out.setdefault(event.request_id, []).append(event)
+    return out
+
+
+class SessionClient:
+    """A Session stream whose ticks are sent when the test says so."""
+
+    def __init__(self, stub: npcd_pb2_grpc.NpcdStub, timeout: float = RPC_TIMEOUT_S):
+        self._ticks: queue.Queue[pb.Tick | None] = queue.Queue()
+        self.call = stub.Session(self._generate(), timeout=timeout)
+
+    def _generate(self) -> Iterator[pb.Tick]:
+        while True:
+            tick = self._ticks.get()
+            if tick is None:
+                return
+            yield tick
+
+    def send(self, requests: list[pb.SayRequest] = (), cancels: list[str] = (), tick: int = 0) -> None:
+        self._ticks.put(pb.Tick(tick=tick, requests=list(requests),
+                                cancels=[pb.Cancel(request_id=c) for c in cancels]))
+
+    def close(self) -> None:
+        """Half-close: the server ends the stream once what is running has finished."""
+        self._ticks.put(None)
+
+    def __iter__(self) -> Iterator[pb.Event]:
+        return iter(self.call)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Polls until condition() holds; returns the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
