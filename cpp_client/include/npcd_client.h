@@ -1,0 +1,161 @@
+/*
+ * npcd_client: the C ABI of the npcd game client.
+ *
+ * One client owns one connection to the daemon and one long-lived Session
+ * stream. It reconnects by itself (exponential backoff) when the daemon
+ * restarts. Nothing ever calls back into the game: the game calls
+ * npcd_poll() once per frame and gets the events that arrived since.
+ *
+ * Requests submitted and cancels issued between two polls go out together as
+ * one Tick, when npcd_poll() (or npcd_flush()) runs.
+ *
+ * Every request ends with exactly one terminal event: FINISHED or ERROR.
+ * STARTED and TEXT_DELTA events come before it; nothing comes after it.
+ * A request in flight when the connection drops ends with ERROR 14
+ * (UNAVAILABLE); so does a request flushed while the client is not
+ * connected.
+ *
+ * Strings are UTF-8 and NUL-terminated. Strings passed in are copied.
+ * The functions taking a client are not thread-safe against each other:
+ * call them from one thread (the game thread), or serialize the calls.
+ */
+#ifndef NPCD_CLIENT_H
+#define NPCD_CLIENT_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(NPCD_CLIENT_BUILD)
+#    define NPCD_API __declspec(dllexport)
+#  else
+#    define NPCD_API __declspec(dllimport)
+#  endif
+#else
+#  define NPCD_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct npcd_client npcd_client;
+typedef struct npcd_request npcd_request;
+
+typedef enum npcd_status {
+    NPCD_OK = 0,
+    NPCD_ERR_INVALID_ARGUMENT = 1, /* NULL, empty where a value is needed, or not UTF-8 */
+    NPCD_ERR_DUPLICATE_ID = 2,     /* a request with this id is pending or in flight */
+    NPCD_ERR_UNKNOWN_REQUEST = 3   /* no pending or in-flight request has this id */
+} npcd_status;
+
+typedef enum npcd_event_kind {
+    NPCD_EVENT_STARTED = 1,
+    NPCD_EVENT_TEXT_DELTA = 2,
+    NPCD_EVENT_FINISHED = 3,
+    NPCD_EVENT_ERROR = 4
+} npcd_event_kind;
+
+/* The same numbers as npcd.v1.FinishReason. */
+typedef enum npcd_finish_reason {
+    NPCD_FINISH_UNSPECIFIED = 0,
+    NPCD_FINISH_STOP = 1,
+    NPCD_FINISH_LENGTH = 2,
+    NPCD_FINISH_CANCELLED = 3,
+    NPCD_FINISH_DEADLINE = 4
+} npcd_finish_reason;
+
+/* The same numbers as npcd.v1.Priority. */
+typedef enum npcd_priority {
+    NPCD_PRIORITY_AMBIENT = 1,
+    NPCD_PRIORITY_PLAYER = 2
+} npcd_priority;
+
+typedef enum npcd_connection_state {
+    NPCD_DISCONNECTED = 0, /* waiting before the next connection attempt */
+    NPCD_CONNECTING = 1,
+    NPCD_CONNECTED = 2
+} npcd_connection_state;
+
+/*
+ * One event. The strings stay valid until the next npcd_poll() or
+ * npcd_client_free() on the same client; copy what you keep.
+ */
+typedef struct npcd_event {
+    const char *request_id;
+    const char *text;         /* TEXT_DELTA: the new text; FINISHED: the whole line; ERROR: the message */
+    const char *error_status; /* ERROR: the status name, e.g. "UNAVAILABLE"; otherwise "" */
+    int32_t kind;             /* npcd_event_kind */
+    int32_t finish_reason;    /* FINISHED: npcd_finish_reason */
+    int32_t error_code;       /* ERROR: a gRPC status code */
+    uint32_t queue_position;  /* STARTED: requests waiting ahead of this one */
+    uint32_t prompt_tokens;   /* FINISHED */
+    uint32_t completion_tokens;
+    float queued_ms;
+    float first_token_ms;
+    float total_ms;
+} npcd_event;
+
+/*
+ * A client for the daemon at `address` ("host:port"). Connects in the
+ * background; never blocks. Backoff between connection attempts starts at
+ * initial_backoff_ms and doubles up to max_backoff_ms (0 picks 250 and 5000).
+ * Returns NULL when address is NULL or empty.
+ */
+NPCD_API npcd_client *npcd_client_new(const char *address, uint32_t initial_backoff_ms,
+                                      uint32_t max_backoff_ms);
+/* Closes the stream and joins the client's threads. NULL is ignored. */
+NPCD_API void npcd_client_free(npcd_client *client);
+NPCD_API int32_t npcd_client_state(const npcd_client *client);
+
+/*
+ * A request builder: the NPC of persona `persona` answers `line`.
+ * Gets a process-unique request id, readable with npcd_request_id().
+ * Returns NULL when persona or line is NULL or not UTF-8.
+ */
+NPCD_API npcd_request *npcd_request_new(const char *persona, const char *line);
+NPCD_API void npcd_request_free(npcd_request *request);
+/* The id; valid while the request lives. */
+NPCD_API const char *npcd_request_id(const npcd_request *request);
+NPCD_API npcd_status npcd_request_set_id(npcd_request *request, const char *request_id);
+NPCD_API npcd_status npcd_request_set_npc_id(npcd_request *request, const char *npc_id);
+NPCD_API npcd_status npcd_request_set_speaker(npcd_request *request, const char *speaker);
+NPCD_API npcd_status npcd_request_add_history(npcd_request *request, const char *speaker,
+                                              const char *text);
+NPCD_API npcd_status npcd_request_set_context(npcd_request *request, const char *key,
+                                              const char *value);
+NPCD_API npcd_status npcd_request_set_priority(npcd_request *request, int32_t priority);
+NPCD_API npcd_status npcd_request_set_deadline_ms(npcd_request *request, uint32_t deadline_ms);
+/* Sampling overrides; what is not set takes the persona's defaults. */
+NPCD_API npcd_status npcd_request_set_max_tokens(npcd_request *request, uint32_t max_tokens);
+NPCD_API npcd_status npcd_request_set_temperature(npcd_request *request, float temperature);
+NPCD_API npcd_status npcd_request_set_top_p(npcd_request *request, float top_p);
+NPCD_API npcd_status npcd_request_set_top_k(npcd_request *request, uint32_t top_k);
+NPCD_API npcd_status npcd_request_set_repetition_penalty(npcd_request *request, float penalty);
+NPCD_API npcd_status npcd_request_set_seed(npcd_request *request, uint64_t seed);
+NPCD_API npcd_status npcd_request_add_stop(npcd_request *request, const char *stop);
+
+/*
+ * Queues a copy of the request for the next Tick; the builder may be freed
+ * or reused (after npcd_request_set_id) right away.
+ */
+NPCD_API npcd_status npcd_submit(npcd_client *client, const npcd_request *request);
+/*
+ * Cancels a request. Still pending (not flushed): it is dropped and ends
+ * with FINISHED / CANCELLED at the next poll. In flight: the cancel goes out
+ * with the next Tick and the daemon ends the request.
+ */
+NPCD_API npcd_status npcd_cancel(npcd_client *client, const char *request_id);
+/* Sends the pending requests and cancels now, as one Tick. */
+NPCD_API void npcd_flush(npcd_client *client);
+/*
+ * Flushes, then copies up to `max` of the events that arrived since the
+ * last poll into events_out, oldest first. Returns how many; the rest wait
+ * for the next call.
+ */
+NPCD_API int32_t npcd_poll(npcd_client *client, npcd_event *events_out, int32_t max);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NPCD_CLIENT_H */

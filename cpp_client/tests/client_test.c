@@ -1,0 +1,369 @@
+/*
+ * Tests of the C ABI against a real daemon. One flow per run:
+ *
+ *   npcd_client_test stream|tick|cancel   needs NPCD_TEST_ADDR (a running daemon)
+ *   npcd_client_test restart              needs NPCD_TEST_DAEMON_CMD (starts a daemon in
+ *                                         the foreground) and NPCD_TEST_RESTART_ADDR (its address)
+ *
+ * All flows need NPCD_TEST_PERSONAS: comma-separated persona ids.
+ * Exits 0 on success, 1 on failure, 77 (skipped) when the environment is missing.
+ */
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "npcd_client.h"
+
+#define MAX_LINES 32
+#define MAX_PERSONAS 16
+#define TEXT_CAP 4096
+
+static void fail(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "FAIL: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+#define CHECK(cond, ...) \
+    do {                 \
+        if (!(cond)) fail(__VA_ARGS__); \
+    } while (0)
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* What the test saw of one request, checked event by event. */
+typedef struct line {
+    char id[64];
+    int started;
+    int deltas;
+    int done;          /* 0, NPCD_EVENT_FINISHED or NPCD_EVENT_ERROR */
+    int finish_reason;
+    int error_code;
+    unsigned completion_tokens;
+    char text[TEXT_CAP];     /* the deltas, concatenated */
+    char finished[TEXT_CAP]; /* FINISHED text or ERROR message */
+} line;
+
+typedef struct lines {
+    line items[MAX_LINES];
+    int count;
+} lines;
+
+static line *track(lines *ls, const char *id) {
+    CHECK(ls->count < MAX_LINES, "too many lines");
+    line *l = &ls->items[ls->count++];
+    memset(l, 0, sizeof *l);
+    snprintf(l->id, sizeof l->id, "%s", id);
+    return l;
+}
+
+static void append(char *dst, const char *src) {
+    size_t n = strlen(dst);
+    snprintf(dst + n, TEXT_CAP - n, "%s", src);
+}
+
+static void on_event(lines *ls, const npcd_event *e) {
+    line *l = NULL;
+    for (int i = 0; i < ls->count; i++)
+        if (strcmp(ls->items[i].id, e->request_id) == 0) l = &ls->items[i];
+    CHECK(l != NULL, "event %d for unknown request id '%s'", e->kind, e->request_id);
+    CHECK(!l->done, "event %d for %s after its terminal event", e->kind, l->id);
+    switch (e->kind) {
+    case NPCD_EVENT_STARTED:
+        CHECK(!l->started, "second STARTED for %s", l->id);
+        l->started = 1;
+        break;
+    case NPCD_EVENT_TEXT_DELTA:
+        CHECK(l->started, "TEXT_DELTA before STARTED for %s", l->id);
+        l->deltas++;
+        append(l->text, e->text);
+        break;
+    case NPCD_EVENT_FINISHED:
+        l->done = NPCD_EVENT_FINISHED;
+        l->finish_reason = e->finish_reason;
+        l->completion_tokens = e->completion_tokens;
+        append(l->finished, e->text);
+        break;
+    case NPCD_EVENT_ERROR:
+        l->done = NPCD_EVENT_ERROR;
+        l->error_code = e->error_code;
+        CHECK(e->text[0] != 0, "ERROR without a message for %s", l->id);
+        CHECK(e->error_status[0] != 0, "ERROR without a status name for %s", l->id);
+        append(l->finished, e->text);
+        break;
+    default:
+        fail("unknown event kind %d", e->kind);
+    }
+}
+
+/* Polls once per 10 ms "frame" until `until(l)` holds, or fails after timeout_s. */
+static void pump_until(npcd_client *c, lines *ls, line *l, int (*until)(const line *),
+                       double timeout_s, const char *what) {
+    npcd_event events[8]; /* small on purpose: events must carry over between polls */
+    double give_up = now_s() + timeout_s;
+    for (;;) {
+        int n;
+        while ((n = npcd_poll(c, events, 8)) > 0)
+            for (int i = 0; i < n; i++) on_event(ls, &events[i]);
+        if (until(l)) return;
+        CHECK(now_s() < give_up, "timed out after %.0f s waiting for %s", timeout_s, what);
+        sleep_ms(10);
+    }
+}
+
+static int is_done(const line *l) { return l->done != 0; }
+static int has_delta(const line *l) { return l->deltas > 0 || l->done; }
+
+static void pump_all_done(npcd_client *c, lines *ls, double timeout_s) {
+    for (int i = 0; i < ls->count; i++)
+        pump_until(c, ls, &ls->items[i], is_done, timeout_s, ls->items[i].id);
+}
+
+static void expect_complete_line(const line *l) {
+    CHECK(l->done == NPCD_EVENT_FINISHED, "%s ended with ERROR %d: %s", l->id, l->error_code,
+          l->finished);
+    CHECK(l->started, "%s finished without STARTED", l->id);
+    CHECK(l->finish_reason == NPCD_FINISH_STOP || l->finish_reason == NPCD_FINISH_LENGTH,
+          "%s finished with reason %d", l->id, l->finish_reason);
+    CHECK(l->deltas > 0 && l->text[0] != 0, "%s produced no text", l->id);
+    CHECK(strcmp(l->text, l->finished) == 0, "%s: deltas '%s' != finished text '%s'", l->id,
+          l->text, l->finished);
+    CHECK(l->completion_tokens > 0, "%s: completion_tokens is 0", l->id);
+}
+
+static const char *env_or_skip(const char *name) {
+    const char *v = getenv(name);
+    if (v == NULL || v[0] == 0) {
+        fprintf(stderr, "SKIP: %s is not set\n", name);
+        exit(77);
+    }
+    return v;
+}
+
+static char personas[MAX_PERSONAS][64];
+static int persona_count;
+
+static void load_personas(void) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", env_or_skip("NPCD_TEST_PERSONAS"));
+    for (char *tok = strtok(buf, ","); tok && persona_count < MAX_PERSONAS; tok = strtok(NULL, ","))
+        snprintf(personas[persona_count++], 64, "%s", tok);
+    CHECK(persona_count > 0, "NPCD_TEST_PERSONAS names no persona");
+}
+
+static npcd_client *connect_to(const char *addr, double timeout_s) {
+    npcd_client *c = npcd_client_new(addr, 100, 1000);
+    CHECK(c != NULL, "npcd_client_new(%s) returned NULL", addr);
+    double give_up = now_s() + timeout_s;
+    while (npcd_client_state(c) != NPCD_CONNECTED) {
+        CHECK(now_s() < give_up, "not connected to %s after %.0f s", addr, timeout_s);
+        sleep_ms(20);
+    }
+    return c;
+}
+
+static npcd_request *make_request(const char *persona, const char *line_text, unsigned max_tokens) {
+    npcd_request *r = npcd_request_new(persona, line_text);
+    CHECK(r != NULL, "npcd_request_new failed");
+    CHECK(npcd_request_set_speaker(r, "Player") == NPCD_OK, "set_speaker");
+    CHECK(npcd_request_set_context(r, "location", "the village square") == NPCD_OK, "set_context");
+    CHECK(npcd_request_set_max_tokens(r, max_tokens) == NPCD_OK, "set_max_tokens");
+    CHECK(npcd_request_set_temperature(r, 0.0f) == NPCD_OK, "set_temperature");
+    return r;
+}
+
+static line *submit(npcd_client *c, lines *ls, npcd_request *r) {
+    line *l = track(ls, npcd_request_id(r));
+    CHECK(npcd_submit(c, r) == NPCD_OK, "npcd_submit %s", l->id);
+    return l;
+}
+
+static line *say(npcd_client *c, lines *ls, const char *persona, const char *text, unsigned max_tokens) {
+    npcd_request *r = make_request(persona, text, max_tokens);
+    line *l = submit(c, ls, r);
+    npcd_request_free(r);
+    return l;
+}
+
+/* One line streams back in order; argument checks; a pending request cancels locally. */
+static void test_stream(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    lines ls = {0};
+
+    CHECK(npcd_request_new(NULL, "x") == NULL, "request without persona accepted");
+    CHECK(npcd_request_new("p", "\xff\xfe") == NULL, "non-UTF-8 line accepted");
+    CHECK(npcd_client_new("", 0, 0) == NULL, "empty address accepted");
+
+    npcd_request *r = make_request(personas[0], "Good morning! What news today?", 16);
+    CHECK(npcd_request_add_history(r, "Player", "Hello there.") == NPCD_OK, "add_history");
+    CHECK(npcd_request_set_npc_id(r, "npc-1") == NPCD_OK, "set_npc_id");
+    CHECK(npcd_request_set_priority(r, NPCD_PRIORITY_PLAYER) == NPCD_OK, "set_priority");
+    CHECK(npcd_request_set_priority(r, 7) == NPCD_ERR_INVALID_ARGUMENT, "bad priority accepted");
+    line *one = submit(c, &ls, r);
+    CHECK(npcd_submit(c, r) == NPCD_ERR_DUPLICATE_ID, "duplicate pending id accepted");
+    npcd_request_free(r);
+
+    line *dropped = say(c, &ls, personas[0], "Never mind.", 8);
+    CHECK(npcd_cancel(c, dropped->id) == NPCD_OK, "cancel of a pending request");
+    CHECK(npcd_cancel(c, "no-such-request") == NPCD_ERR_UNKNOWN_REQUEST, "cancel of unknown id");
+
+    line *unknown = say(c, &ls, "no-such-persona", "Hello?", 8);
+
+    pump_all_done(c, &ls, 120);
+    expect_complete_line(one);
+    CHECK(dropped->done == NPCD_EVENT_FINISHED && dropped->finish_reason == NPCD_FINISH_CANCELLED &&
+              !dropped->started && dropped->text[0] == 0,
+          "a pending request cancelled locally must end FINISHED/CANCELLED without STARTED");
+    CHECK(unknown->done == NPCD_EVENT_ERROR && unknown->error_code == 5,
+          "unknown persona: want ERROR 5 (NOT_FOUND), got done=%d code=%d", unknown->done,
+          unknown->error_code);
+    printf("stream: '%s' (%d deltas)\n", one->finished, one->deltas);
+    npcd_client_free(c);
+}
+
+/* 16 NPCs over all personas in one frame, so in one Tick. */
+static void test_tick(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    lines ls = {0};
+    for (int i = 0; i < 16; i++) {
+        char text[128], npc[32];
+        snprintf(text, sizeof text, "Villager %d asks: how is your day going?", i);
+        snprintf(npc, sizeof npc, "npc-%d", i);
+        npcd_request *r = make_request(personas[i % persona_count], text, 8);
+        CHECK(npcd_request_set_npc_id(r, npc) == NPCD_OK, "set_npc_id");
+        submit(c, &ls, r);
+        npcd_request_free(r);
+    }
+    pump_all_done(c, &ls, 240);
+    for (int i = 0; i < ls.count; i++) expect_complete_line(&ls.items[i]);
+    printf("tick: 16 lines over %d personas finished\n", persona_count);
+    npcd_client_free(c);
+}
+
+/* Cancel a line after its first text arrived. */
+static void test_cancel(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    lines ls = {0};
+    line *l = say(c, &ls, personas[0],
+                  "Tell me the whole history of this village, every family, in great detail.", 400);
+    pump_until(c, &ls, l, has_delta, 120, "the first delta");
+    CHECK(!l->done, "the line ended before it could be cancelled");
+    CHECK(npcd_cancel(c, l->id) == NPCD_OK, "npcd_cancel of an in-flight request");
+    pump_until(c, &ls, l, is_done, 60, "the cancelled line to end");
+    CHECK(l->done == NPCD_EVENT_FINISHED && l->finish_reason == NPCD_FINISH_CANCELLED,
+          "want FINISHED/CANCELLED, got done=%d reason=%d", l->done, l->finish_reason);
+    CHECK(l->completion_tokens < 400, "cancelled line ran to max_tokens");
+    CHECK(strcmp(l->text, l->finished) == 0, "deltas '%s' != finished text '%s'", l->text,
+          l->finished);
+    CHECK(npcd_cancel(c, l->id) == NPCD_ERR_UNKNOWN_REQUEST, "cancel after the end accepted");
+    printf("cancel: stopped after %u tokens: '%s'\n", l->completion_tokens, l->finished);
+    npcd_client_free(c);
+}
+
+static pid_t start_daemon(const char *cmd) {
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork failed");
+    if (pid == 0) {
+        char shell_cmd[2048];
+        snprintf(shell_cmd, sizeof shell_cmd, "exec %s", cmd);
+        execl("/bin/sh", "sh", "-c", shell_cmd, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static void kill_daemon(pid_t pid) {
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+}
+
+static pid_t daemon_pid;
+
+static void kill_daemon_at_exit(void) {
+    if (daemon_pid > 0) kill_daemon(daemon_pid);
+}
+
+/* The daemon dies mid-line and comes back; the client reconnects by itself. */
+static void test_restart(void) {
+    const char *cmd = env_or_skip("NPCD_TEST_DAEMON_CMD");
+    const char *addr = env_or_skip("NPCD_TEST_RESTART_ADDR");
+    atexit(kill_daemon_at_exit);
+    daemon_pid = start_daemon(cmd);
+    npcd_client *c = connect_to(addr, 180);
+    lines ls = {0};
+
+    line *before = say(c, &ls, personas[0], "Hello!", 8);
+    pump_until(c, &ls, before, is_done, 120, "the line before the restart");
+    expect_complete_line(before);
+
+    line *cut = say(c, &ls, personas[0],
+                    "Tell me the whole history of this village, every family, in great detail.", 400);
+    pump_until(c, &ls, cut, has_delta, 120, "the first delta before the kill");
+    CHECK(!cut->done, "the line ended before the daemon was killed");
+    kill_daemon(daemon_pid);
+    daemon_pid = 0;
+    pump_until(c, &ls, cut, is_done, 30, "the error of the line cut by the kill");
+    CHECK(cut->done == NPCD_EVENT_ERROR && cut->error_code == 14,
+          "want ERROR 14 (UNAVAILABLE) for the cut line, got done=%d code=%d", cut->done,
+          cut->error_code);
+
+    double give_up = now_s() + 10;
+    while (npcd_client_state(c) == NPCD_CONNECTED) {
+        CHECK(now_s() < give_up, "still CONNECTED 10 s after the daemon died");
+        sleep_ms(10);
+    }
+    line *offline = say(c, &ls, personas[0], "Anyone there?", 8);
+    pump_until(c, &ls, offline, is_done, 10, "the error of a request sent while offline");
+    CHECK(offline->done == NPCD_EVENT_ERROR && offline->error_code == 14,
+          "want ERROR 14 for a request while offline, got done=%d code=%d", offline->done,
+          offline->error_code);
+
+    daemon_pid = start_daemon(cmd);
+    give_up = now_s() + 180;
+    while (npcd_client_state(c) != NPCD_CONNECTED) {
+        CHECK(now_s() < give_up, "did not reconnect within 180 s of the restart");
+        sleep_ms(20);
+    }
+    line *after = say(c, &ls, personas[persona_count - 1], "Welcome back!", 8);
+    pump_until(c, &ls, after, is_done, 120, "the line after the restart");
+    expect_complete_line(after);
+    printf("restart: cut line got '%s'; after reconnect: '%s'\n", cut->finished, after->finished);
+    npcd_client_free(c);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s stream|tick|cancel|restart\n", argv[0]);
+        return 2;
+    }
+    setvbuf(stdout, NULL, _IONBF, 0);
+    load_personas();
+    if (strcmp(argv[1], "stream") == 0) test_stream();
+    else if (strcmp(argv[1], "tick") == 0) test_tick();
+    else if (strcmp(argv[1], "cancel") == 0) test_cancel();
+    else if (strcmp(argv[1], "restart") == 0) test_restart();
+    else {
+        fprintf(stderr, "unknown flow %s\n", argv[1]);
+        return 2;
+    }
+    return 0;
+}

@@ -1,0 +1,272 @@
+// Tests of the C# binding against a real daemon, through the native library. One flow per
+// run, with the same environment as the C tests (cpp_client/tests/client_test.c):
+//   mono ClientTest.exe stream|tick|cancel   needs NPCD_TEST_ADDR
+//   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
+// All flows need NPCD_TEST_PERSONAS. Exits 0 on success, 1 on failure, 77 when the
+// environment is missing.
+using System;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.Threading;
+using System.Threading.Tasks;
+using Npcd;
+
+internal sealed class TestFailure : Exception
+{
+    public TestFailure(string message) : base(message) { }
+}
+
+/// <summary>Everything one line raised, checked as it arrives.</summary>
+internal sealed class Recorder
+{
+    public readonly NpcdLine Line;
+    public readonly List<string> Kinds = new List<string>();
+    public string Deltas = string.Empty;
+
+    public Recorder(NpcdLine line)
+    {
+        Line = line;
+        line.Started += l => Record("started");
+        line.TextDelta += (l, text) => { Record("delta"); Deltas += text; };
+        line.Finished += (l, result) => Record("finished");
+        line.Failed += (l, error) => Record("failed");
+    }
+
+    private void Record(string kind)
+    {
+        if (Kinds.Count > 0 && (Kinds[Kinds.Count - 1] == "finished" || Kinds[Kinds.Count - 1] == "failed"))
+            throw new TestFailure(Line.Id + ": " + kind + " after the end");
+        if (kind == "delta" && !Kinds.Contains("started"))
+            throw new TestFailure(Line.Id + ": delta before started");
+        if (kind == "started" && Kinds.Count > 0)
+            throw new TestFailure(Line.Id + ": started twice or late");
+        Kinds.Add(kind);
+    }
+
+    public void ExpectComplete()
+    {
+        var r = Line.Result;
+        Test.Check(r != null, Line.Id + " did not end");
+        Test.Check(!r.Failed, Line.Id + " failed: " + (r.Failed ? r.Error.ToString() : ""));
+        Test.Check(r.Reason == FinishReason.Stop || r.Reason == FinishReason.Length, Line.Id + " finished with " + r.Reason);
+        Test.Check(Kinds[0] == "started" && Kinds[Kinds.Count - 1] == "finished", Line.Id + ": events " + string.Join(",", Kinds));
+        Test.Check(Kinds.Contains("delta") && r.Text.Length > 0, Line.Id + " produced no text");
+        Test.Check(Deltas == r.Text && Line.Text == r.Text, Line.Id + ": deltas '" + Deltas + "' != finished text '" + r.Text + "'");
+        Test.Check(r.CompletionTokens > 0, Line.Id + ": no completion tokens");
+        Test.Check(Line.Completion.IsCompleted && Line.Completion.Result == r, Line.Id + ": Completion does not match");
+    }
+}
+
+internal static class Test
+{
+    private static string[] personas;
+
+    public static void Check(bool ok, string what)
+    {
+        if (!ok) throw new TestFailure(what);
+    }
+
+    private static string Env(string name)
+    {
+        string v = Environment.GetEnvironmentVariable(name);
+        if (string.IsNullOrEmpty(v))
+        {
+            Console.Error.WriteLine("SKIP: " + name + " is not set");
+            Environment.Exit(77);
+        }
+        return v;
+    }
+
+    private static void PumpUntil(NpcdClient client, Func<bool> done, double timeoutS, string what)
+    {
+        var watch = Stopwatch.StartNew();
+        while (true)
+        {
+            client.Poll();
+            if (done()) return;
+            Check(watch.Elapsed.TotalSeconds < timeoutS, "timed out after " + timeoutS + " s waiting for " + what);
+            Thread.Sleep(10);
+        }
+    }
+
+    private static NpcdClient Connect(string address, double timeoutS)
+    {
+        var client = new NpcdClient(address, 100, 1000);
+        var watch = Stopwatch.StartNew();
+        while (client.State != ConnectionState.Connected)
+        {
+            Check(watch.Elapsed.TotalSeconds < timeoutS, "not connected to " + address + " after " + timeoutS + " s");
+            Thread.Sleep(20);
+        }
+        return client;
+    }
+
+    private static LineRequest Request(string persona, string text, uint maxTokens)
+    {
+        var r = new LineRequest(persona, text) { Speaker = "Player", MaxTokens = maxTokens, Temperature = 0f };
+        r.Context["location"] = "the village square";
+        return r;
+    }
+
+    private static Recorder Say(NpcdClient client, LineRequest request)
+    {
+        return new Recorder(client.Say(request));
+    }
+
+    private static async Task<string> AwaitLine(NpcdLine line)
+    {
+        LineResult result = await line.Completion;
+        return result.Text;
+    }
+
+    private static void Stream()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var request = Request(personas[0], "Good morning! What news today?", 16);
+            request.History.Add(new Turn("Player", "Hello there."));
+            request.NpcId = "npc-1";
+            request.Priority = Priority.Player;
+            var one = Say(client, request);
+            Task<string> awaited = AwaitLine(one.Line);
+
+            var duplicate = Request(personas[0], "Again?", 8);
+            duplicate.RequestId = one.Line.Id;
+            bool refused = false;
+            try { client.Say(duplicate); } catch (ArgumentException) { refused = true; }
+            Check(refused, "a duplicate request id was accepted");
+
+            var dropped = Say(client, Request(personas[0], "Never mind.", 8));
+            Check(dropped.Line.Cancel(), "cancel of a pending line");
+            Check(!client.Cancel("no-such-request"), "cancel of an unknown id succeeded");
+            var unknown = Say(client, Request("no-such-persona", "Hello?", 8));
+
+            PumpUntil(client, () => client.ActiveLines == 0, 120, "all lines to end");
+            one.ExpectComplete();
+            Check(awaited.IsCompleted && awaited.Result == one.Line.Result.Text, "the awaited text differs");
+            Check(dropped.Line.Result.Reason == FinishReason.Cancelled && !dropped.Line.IsStarted && !dropped.Line.Result.Failed,
+                  "a pending line cancelled locally must finish Cancelled without Started");
+            Check(unknown.Line.Result.Failed && unknown.Line.Result.Error.Code == 5,
+                  "unknown persona: want error 5 (NOT_FOUND), got " + unknown.Line.Result.Error);
+            Console.WriteLine("stream: '" + one.Line.Result.Text + "'");
+        }
+    }
+
+    private static void Tick()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var all = new List<Recorder>();
+            for (int i = 0; i < 16; i++)
+            {
+                var r = Request(personas[i % personas.Length], "Villager " + i + " asks: how is your day going?", 8);
+                r.NpcId = "npc-" + i;
+                all.Add(Say(client, r));
+            }
+            PumpUntil(client, () => client.ActiveLines == 0, 240, "16 lines to end");
+            foreach (var rec in all) rec.ExpectComplete();
+            Console.WriteLine("tick: 16 lines over " + personas.Length + " personas finished");
+        }
+    }
+
+    private static void Cancel()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var rec = Say(client, Request(personas[0], "Tell me the whole history of this village, every family, in great detail.", 400));
+            PumpUntil(client, () => rec.Line.Text.Length > 0 || rec.Line.IsDone, 120, "the first delta");
+            Check(!rec.Line.IsDone, "the line ended before it could be cancelled");
+            Check(rec.Line.Cancel(), "cancel of an in-flight line");
+            PumpUntil(client, () => rec.Line.IsDone, 60, "the cancelled line to end");
+            var r = rec.Line.Result;
+            Check(!r.Failed && r.Reason == FinishReason.Cancelled, "want Cancelled, got " + r.Reason + " " + r.Error);
+            Check(r.CompletionTokens < 400, "the cancelled line ran to max_tokens");
+            Check(rec.Deltas == r.Text, "deltas '" + rec.Deltas + "' != finished text '" + r.Text + "'");
+            Check(!rec.Line.Cancel(), "cancel after the end succeeded");
+            Console.WriteLine("cancel: stopped after " + r.CompletionTokens + " tokens");
+        }
+    }
+
+    private static Process StartDaemon()
+    {
+        var info = new ProcessStartInfo("/bin/sh", "-c 'eval \"exec $NPCD_TEST_DAEMON_CMD\"'") { UseShellExecute = false };
+        return Process.Start(info);
+    }
+
+    private static void KillDaemon(Process daemon)
+    {
+        if (daemon == null || daemon.HasExited) return;
+        daemon.Kill();
+        daemon.WaitForExit();
+    }
+
+    private static void Restart()
+    {
+        Env("NPCD_TEST_DAEMON_CMD");
+        string address = Env("NPCD_TEST_RESTART_ADDR");
+        Process daemon = StartDaemon();
+        try
+        {
+            using (var client = Connect(address, 180))
+            {
+                var before = Say(client, Request(personas[0], "Hello!", 8));
+                PumpUntil(client, () => before.Line.IsDone, 120, "the line before the restart");
+                before.ExpectComplete();
+
+                var cut = Say(client, Request(personas[0], "Tell me the whole history of this village, every family, in great detail.", 400));
+                PumpUntil(client, () => cut.Line.Text.Length > 0 || cut.Line.IsDone, 120, "the first delta before the kill");
+                Check(!cut.Line.IsDone, "the line ended before the daemon was killed");
+                KillDaemon(daemon);
+                PumpUntil(client, () => cut.Line.IsDone, 30, "the error of the line cut by the kill");
+                Check(cut.Line.Result.Failed && cut.Line.Result.Error.Code == 14,
+                      "want error 14 (UNAVAILABLE) for the cut line, got " + cut.Line.Result.Error);
+
+                PumpUntil(client, () => client.State != ConnectionState.Connected, 10, "the client to notice the daemon is gone");
+                var offline = Say(client, Request(personas[0], "Anyone there?", 8));
+                PumpUntil(client, () => offline.Line.IsDone, 10, "the error of a line requested while offline");
+                Check(offline.Line.Result.Failed && offline.Line.Result.Error.Code == 14,
+                      "want error 14 for a line requested while offline, got " + offline.Line.Result.Error);
+
+                daemon = StartDaemon();
+                PumpUntil(client, () => client.State == ConnectionState.Connected, 180, "the reconnect");
+                var after = Say(client, Request(personas[personas.Length - 1], "Welcome back!", 8));
+                PumpUntil(client, () => after.Line.IsDone, 120, "the line after the restart");
+                after.ExpectComplete();
+                Console.WriteLine("restart: cut line got '" + cut.Line.Result.Error.Message + "'; after reconnect: '" + after.Line.Result.Text + "'");
+            }
+        }
+        finally
+        {
+            KillDaemon(daemon);
+        }
+    }
+
+    public static int Main(string[] args)
+    {
+        if (args.Length != 1)
+        {
+            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|restart");
+            return 2;
+        }
+        personas = Env("NPCD_TEST_PERSONAS").Split(',');
+        try
+        {
+            switch (args[0])
+            {
+                case "stream": Stream(); break;
+                case "tick": Tick(); break;
+                case "cancel": Cancel(); break;
+                case "restart": Restart(); break;
+                default:
+                    Console.Error.WriteLine("unknown flow " + args[0]);
+                    return 2;
+            }
+        }
+        catch (Exception e)
+        {
+            Console.Error.WriteLine("FAIL: " + e);
+            return 1;
+        }
+        return 0;
+    }
+}

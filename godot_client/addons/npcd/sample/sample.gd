@@ -1,0 +1,25 @@
+extends Control
+## Asks the NPC a line when the button is pressed; the label fills as the text streams in.
+
+@onready var npc: Node = $NpcDialogue
+@onready var label: Label = $Bubble
+@onready var button: Button = $Ask
+
+func _ready() -> void:
+	npc.text_delta.connect(_on_text_delta)
+	npc.line_finished.connect(_on_line_finished)
+	npc.line_failed.connect(_on_line_failed)
+	button.pressed.connect(_on_ask)
+
+func _on_ask() -> void:
+	label.text = ""
+	npc.Say("Player", "Any news from the road?", {"location": "the north gate"})
+
+func _on_text_delta(_request_id: String, _text: String, full_text: String) -> void:
+	label.text = full_text
+
+func _on_line_finished(_request_id: String, text: String, _reason: int) -> void:
+	label.text = text
+
+func _on_line_failed(_request_id: String, code: int, message: String) -> void:
+	label.text = "(no answer: %d %s)" % [code, message]

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds the game clients on Linux, and stages the engine packages.
+#
+#   scripts/build_clients.sh [BUILD_DIR]      (default: build/clients)
+#
+# BUILD_DIR/native/      the C++ core: libnpcd_client.so and the C test binary (CMake, ctest)
+# BUILD_DIR/csharp/      Npcd.dll (the shared C# binding) and ClientTest.exe (mono test program)
+# BUILD_DIR/unity/com.npcd.client/   the UPM package: unity_client/ + the binding + the library
+# BUILD_DIR/godot/addons/npcd/       the Godot addon: godot_client/addons/npcd + the binding + the library
+# BUILD_DIR/unreal/NpcdClient/       the Unreal plugin: unreal_client/ + the C header + the library
+#
+# The C# sources live once, in csharp/Npcd; the staged packages get copies, made here.
+# Needs cmake, a C/C++ compiler, grpc++ and protobuf (with protoc and grpc_cpp_plugin), and
+# mcs for the C# part. Windows and macOS builds: see cpp_client/README.md.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="$(mkdir -p "${1:-$root/build/clients}" && cd "${1:-$root/build/clients}" && pwd)"
+jobs="$(nproc 2>/dev/null || echo 2)"
+
+echo "== native library"
+cmake -S "$root/cpp_client" -B "$out/native" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$out/native" -j "$jobs"
+lib="$out/native/libnpcd_client.so"
+
+echo "== C# binding"
+mkdir -p "$out/csharp"
+mcs -langversion:7.2 -target:library -out:"$out/csharp/Npcd.dll" "$root"/csharp/Npcd/*.cs
+mcs -langversion:7.2 -r:"$out/csharp/Npcd.dll" -out:"$out/csharp/ClientTest.exe" "$root/csharp/tests/ClientTest.cs"
+
+# Unity ignores files without a .meta in an immutable (git) package: give every staged file
+# and folder one, with a GUID derived from its path so that rebuilds keep it stable.
+add_unity_metas() {
+    local pkg="$1" rel guid
+    (cd "$pkg" && find . -mindepth 1 ! -name '*.meta' ! -name '.*' | sort) | while read -r rel; do
+        rel="${rel#./}"
+        [ -e "$pkg/$rel.meta" ] && continue
+        case "$rel" in Samples~*|Documentation~*) continue ;; esac
+        guid="$(printf 'com.npcd.client/%s' "$rel" | md5sum | cut -c1-32)"
+        printf 'fileFormatVersion: 2\nguid: %s\n' "$guid" > "$pkg/$rel.meta"
+    done
+}
+
+echo "== Unity package"
+unity="$out/unity/com.npcd.client"
+rm -rf "$unity" && mkdir -p "$unity"
+cp -R "$root/unity_client/." "$unity/"
+mkdir -p "$unity/Runtime/Binding" "$unity/Plugins/Linux/x86_64"
+cp "$root"/csharp/Npcd/*.cs "$unity/Runtime/Binding/"
+cp "$lib" "$unity/Plugins/Linux/x86_64/libnpcd_client.so"
+add_unity_metas "$unity"
+
+echo "== Godot addon"
+godot="$out/godot/addons/npcd"
+rm -rf "$out/godot" && mkdir -p "$godot"
+cp -R "$root/godot_client/addons/npcd/." "$godot/"
+mkdir -p "$godot/binding" "$godot/bin/linux-x64"
+cp "$root"/csharp/Npcd/*.cs "$godot/binding/"
+cp "$lib" "$godot/bin/linux-x64/libnpcd_client.so"
+
+echo "== Unreal plugin"
+unreal="$out/unreal/NpcdClient"
+rm -rf "$unreal" && mkdir -p "$unreal"
+cp -R "$root/unreal_client/." "$unreal/"
+mkdir -p "$unreal/ThirdParty/npcd_client/include" "$unreal/ThirdParty/npcd_client/lib/Linux"
+cp "$root/cpp_client/include/npcd_client.h" "$unreal/ThirdParty/npcd_client/include/"
+cp "$lib" "$unreal/ThirdParty/npcd_client/lib/Linux/libnpcd_client.so"
+
+echo "built into $out"

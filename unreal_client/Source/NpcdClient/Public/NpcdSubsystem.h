@@ -1,0 +1,45 @@
+#pragma once
+
+#include "CoreMinimal.h"
+#include "Subsystems/GameInstanceSubsystem.h"
+#include "Tickable.h"
+#include "npcd_client.h"
+#include "NpcdSubsystem.generated.h"
+
+/** Receives the events of one line, on the game thread. */
+class INpcdLineListener
+{
+public:
+    virtual ~INpcdLineListener() = default;
+    virtual void OnNpcdEvent(const npcd_event& Event) = 0;
+};
+
+/**
+ * Owns the one npcd client of the game instance and polls it once per frame on the game
+ * thread, handing each event to the listener of its request. No callback ever runs on a
+ * gRPC thread.
+ */
+UCLASS()
+class NPCDCLIENT_API UNpcdSubsystem : public UGameInstanceSubsystem, public FTickableGameObject
+{
+    GENERATED_BODY()
+
+public:
+    virtual void Initialize(FSubsystemCollectionBase& Collection) override;
+    virtual void Deinitialize() override;
+
+    /** Queues a request for this frame's Tick; returns its id, or an empty string when refused. */
+    FString Submit(npcd_request* Request, INpcdLineListener* Listener);
+    void Cancel(const FString& RequestId);
+    /** Stops delivering a request's events (its listener is going away). */
+    void Forget(const FString& RequestId);
+
+    virtual void Tick(float DeltaTime) override;
+    virtual TStatId GetStatId() const override;
+    virtual bool IsTickable() const override { return Client != nullptr; }
+    virtual ETickableTickType GetTickableTickType() const override { return ETickableTickType::Conditional; }
+
+private:
+    npcd_client* Client = nullptr;
+    TMap<FString, INpcdLineListener*> Listeners;
+};
