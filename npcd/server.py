@@ -450,7 +450,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             if info is not None:
                 msg.adapter.rank, msg.adapter.alpha = info.rank, info.alpha
                 msg.adapter.target_modules.extend(info.target_modules)
-                msg.adapter.resident = True
+                msg.adapter.resident = info.resident
         return msg
 
     async def ListPersonas(self, request: pb.ListPersonasRequest,

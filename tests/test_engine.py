@@ -192,6 +192,7 @@ def test_lru_eviction_and_reload(tiny_config, tiny_adapters):
     for name, path in tiny_adapters.items():
         engine.load_adapter(name, str(path))
     assert engine.registry.resident == 2 and len(engine.registry.current) == 4
+    assert sum(info.resident for info in engine.adapters().values()) == 2
     prompt = ids(engine, PROMPTS[3])
     reqs = [greedy(f"e{i}", prompt, name, n=8) for i, name in enumerate(["elf", "guard", "merchant", "villain"])]
     texts = [f.text for f in engine.generate(reqs)]  # four adapters through two slots
