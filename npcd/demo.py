@@ -1,0 +1,152 @@
+"""`npcd demo story "an idea"`: a story and its illustrations, from one base model.
+
+The storyteller turns the idea into a short story, streamed. The story is cut
+into beats (sentences); then, in ONE mixed-adapter batch, every beat goes both
+to the storyteller (to expand it) and to the image prompter (to turn it into a
+Stable Diffusion XL prompt). All of those lines stream side by side: two
+personas, two adapters, one batch, one copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from npcd.personas import Persona, load_dir
+
+HELP = "demos of mixed-adapter batches; `npcd demo story \"an idea\"`"
+_SENTENCE = re.compile(r"[^.!?]*[.!?]+[\"')\]]*|[^.!?]+$")
+
+
+def split_beats(story: str) -> list[str]:
+    """Sentences of the story, in order; a beat is one sentence."""
+    return [s.strip() for s in _SENTENCE.findall(" ".join(story.split())) if len(s.strip()) > 1]
+
+
+@dataclass
+class Line:
+    """One streamed reply: what has arrived so far and whether it is complete."""
+
+    text: str = ""
+    done: bool = False
+
+
+def _stream(engine, requests: list, lines: dict[str, Line], refresh) -> int:
+    """Submits the requests together and steps the engine until all have finished.
+
+    Returns the most requests that were decoded in one step.
+    """
+    from npcd.backend import Finished, TextDelta
+
+    def sink(event) -> None:
+        line = lines[event.request_id]
+        if isinstance(event, TextDelta):
+            line.text += event.text
+        elif isinstance(event, Finished):
+            line.text, line.done = event.text, True
+            if event.error:
+                line.text += f" [error: {event.error}]"
+
+    for request in requests:
+        engine.submit(request, sink)
+    widest = 0
+    while not all(lines[r.request_id].done for r in requests):
+        if not engine.step() and not engine.has_work():
+            break
+        widest = max(widest, engine.stats().running)
+        refresh()
+    refresh()
+    return widest
+
+
+def _request(builder, persona: Persona, request_id: str, line: str, seed: int):
+    from npcd.backend import GenerationRequest
+
+    prompt = builder.build(persona, speaker="Writer", line=line)
+    return GenerationRequest(request_id=request_id, prompt_ids=prompt.ids, sampling=persona.sampling_params(seed),
+                             adapter=persona.id if persona.adapter_path else None, prefix_len=prompt.prefix_len)
+
+
+def story(engine, storyteller: Persona, illustrator: Persona, idea: str, beats: int, seed: int, console) -> int:
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from npcd.prompt import PromptBuilder
+
+    builder = PromptBuilder(engine.tokenizer)
+    story_line = {"story": Line()}
+    title = f"{storyteller.display_name} ({storyteller.id}): {idea}"
+    with Live(console=console, refresh_per_second=8) as live:
+        _stream(engine, [_request(builder, storyteller, "story", idea, seed)], story_line,
+                lambda: live.update(Panel(story_line["story"].text or "...", title=title)))
+    chosen = split_beats(story_line["story"].text)[:beats]
+    if not chosen:
+        console.print("[red]the storyteller produced no sentence to illustrate[/red]")
+        return 1
+
+    lines: dict[str, Line] = {}
+    requests = []
+    for i, beat in enumerate(chosen):
+        for persona, kind in ((storyteller, "expand"), (illustrator, "image")):
+            rid = f"{kind}-{i}"
+            lines[rid] = Line()
+            requests.append(_request(builder, persona, rid, beat, seed + 1 + i))
+
+    def render() -> Table:
+        table = Table(title=f"{len(chosen)} beats x 2 personas: one mixed batch of {len(requests)} requests",
+                      show_lines=True, expand=True)
+        table.add_column("beat", ratio=2)
+        table.add_column(f"{storyteller.display_name} ({storyteller.id})", ratio=4)
+        table.add_column(f"{illustrator.display_name} ({illustrator.id})", ratio=4)
+        for i, beat in enumerate(chosen):
+            cells = [lines[f"{kind}-{i}"] for kind in ("expand", "image")]
+            table.add_row(beat, *[(c.text or "...") + ("" if c.done else " ▌") for c in cells])
+        return table
+
+    with Live(render(), console=console, refresh_per_second=8) as live:
+        widest = _stream(engine, requests, lines, lambda: live.update(render()))
+    stats = engine.stats()
+    adapters = sorted({r.adapter for r in requests if r.adapter})
+    console.print(f"[dim]{len(requests)} requests, adapters {', '.join(adapters) or 'none'}: up to {widest} "
+                  f"decoded in the same step; "
+                  f"{stats.tokens_generated} tokens generated in {stats.steps} engine steps[/dim]")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="demo", required=True, metavar="DEMO")
+    p = sub.add_parser("story", help="tell a story from an idea, then expand and illustrate its beats in one batch")
+    p.add_argument("idea", help="what the story is about, e.g. \"a lighthouse keeper hears singing\"")
+    p.add_argument("--beats", type=int, default=3, help="how many sentences of the story to expand (default 3)")
+    p.add_argument("--storyteller", default="storyteller", help="persona id that tells (default storyteller)")
+    p.add_argument("--illustrator", default="image_prompter", help="persona id that writes image prompts")
+    p.add_argument("--personas", type=Path, default=Path("personas"), help="personas directory (default personas)")
+    p.add_argument("--engine", type=Path, help="engine definition (default: the embedded base, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from npcd.engine import Engine
+    from npcd.evaluate import engine_config
+
+    if args.beats < 1:
+        raise ValueError(f"--beats must be >= 1, got {args.beats}")
+    if not args.idea.strip():
+        raise ValueError("the idea must not be empty")
+    personas, errors = load_dir(args.personas)
+    for name in (args.storyteller, args.illustrator):
+        if name not in personas:
+            why = "; ".join(str(e) for e in errors) or "no such persona"
+            raise ValueError(f"persona {name!r} is not available in {args.personas}: {why}")
+    storyteller, illustrator = personas[args.storyteller], personas[args.illustrator]
+    engine = Engine(engine_config(args.engine, batch=2 * args.beats, adapters=2, threads=args.threads))
+    for persona in (storyteller, illustrator):
+        if persona.adapter_path is not None:
+            engine.load_adapter(persona.id, str(persona.adapter_path))
+    return story(engine, storyteller, illustrator, args.idea, args.beats, args.seed, Console())

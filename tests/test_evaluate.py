@@ -1,0 +1,98 @@
+"""Evaluation pieces: the attribution classifier, reply NLL through the engine, the report, beats."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from npcd.demo import split_beats
+from npcd.evaluate import NaiveBayes, engine_config, evaluate, markdown, reply_nll, table
+from npcd.personas import load_dir
+from npcd.testing import write_lora
+
+
+def test_naive_bayes_tells_voices_apart():
+    nb = NaiveBayes([("merchant", "Only five silver, friend, a bargain!"),
+                     ("merchant", "For you, friend, three coppers."),
+                     ("guard", "Move along, citizen."),
+                     ("guard", "Papers, citizen. Curfew at the ninth bell.")])
+    assert nb.predict("A fine lantern, friend, two silver.") == "merchant"
+    assert nb.predict("Back inside before curfew, citizen.") == "guard"
+    scores = nb.scores("friend")
+    assert scores["merchant"] > scores["guard"]
+
+
+def test_naive_bayes_needs_two_classes():
+    with pytest.raises(ValueError, match="at least two personas"):
+        NaiveBayes([("a", "x"), ("a", "y")])
+
+
+def test_split_beats_keeps_sentences_and_their_closing_quotes():
+    story = 'Maren heard a voice.  She told no one!\nOne winter "it stopped." Then what'
+    assert split_beats(story) == ["Maren heard a voice.", "She told no one!", 'One winter "it stopped."', "Then what"]
+
+
+def write_personas(root: Path, base: Path) -> Path:
+    root.mkdir()
+    voices = {"elf": ("human", "trees"), "trader": ("friend", "silver")}
+    for i, (pid, (w1, w2)) in enumerate(voices.items()):
+        examples = "".join(f"  - {{speaker: Player, line: 'Question {j}?', reply: 'Ah {w1}, {w2} {j}.'}}\n"
+                           for j in range(20))
+        (root / f"{pid}.yaml").write_text(textwrap.dedent(f"""\
+            id: {pid}
+            display_name: {pid.title()}
+            description: test persona
+            system_prompt: You are {pid}.
+            adapter: adapters/{pid}
+            sampling: {{max_tokens: 6}}
+            examples:
+            """) + examples)
+        write_lora(base, root / "adapters" / pid, rank=4, targets=["q_proj", "v_proj"], seed=i)
+    return root
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    from npcd.engine import Engine
+
+    return Engine(engine_config(None, batch=8, adapters=2, threads=2).replace(base=str(tiny_model_dir),
+                                                                              device="cpu"))
+
+
+def test_reply_nll_matches_transformers(engine, tiny_model_dir, tiny_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine.load_adapter("elf", str(tiny_adapters["elf"]))
+    prompt, reply = [1, 520, 9531, 198, 57], [373, 301, 30219, 2]
+    got = reply_nll(engine, [(prompt, reply, None), (prompt, reply, "elf")])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      str(tiny_adapters["elf"]))
+    ids = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(ids).logits[0]
+        adapted_logits = model(ids).logits[0]
+    for (total, count), logits in zip(got, (base_logits, adapted_logits)):
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+        expected = -logp[torch.arange(len(reply)), torch.tensor(reply)].sum().item()
+        assert count == len(reply) and math.isclose(total, expected, rel_tol=1e-3)
+
+
+def test_evaluate_reports_every_adapted_persona(engine, tiny_model_dir, tmp_path):
+    personas, errors = load_dir(write_personas(tmp_path / "personas", tiny_model_dir))
+    assert not errors
+    reports = evaluate(personas, engine)
+    assert [r.persona.id for r in reports] == ["elf", "trader"]
+    for r in reports:
+        assert r.held_out == 3 and len(r.samples) == 3
+        assert r.nll_base > 0 and r.nll_adapter > 0 and r.nll_base != r.nll_adapter
+        assert 0 <= r.attribution <= 1
+        assert all(guess in ("elf", "trader") for _, _, guess in r.samples)
+    text = table(reports)
+    assert text.count("\n") == 4 and "| elf | r4 q/v | 3 |" in text
+    assert "Question 6?" in markdown(reports, "npcd eval", 1.0)
