@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from npcd.adapters import AdapterRegistry, AdapterVersion, read_peft_adapter
-from npcd.backend import (AdapterError, AdapterInfo, BackendError, EngineStats, Event, Finished, FinishReason,
+from npcd.backend import (AdapterInfo, BackendError, EngineStats, Event, Finished, FinishReason,
                           GenerationRequest, InvalidRequest, QueueFull, Started, TextDelta, UnknownAdapter)
 from npcd.config import EngineConfig
 from npcd.detokenizer import IncrementalDetokenizer
@@ -639,5 +639,3 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-
-__all__ = ["Engine", "AsyncEngine", "RequestStream", "AdapterError", "pick_device_dtype"]
