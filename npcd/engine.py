@@ -463,9 +463,20 @@ class Engine:
             version = self.registry.current.get(name) if name else None
             if name and version is None:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
-            if version is not None and not self.registry.make_resident(version):
-                raise RuntimeError("no adapter slot free for scoring")
             versions.append(version)
+        distinct = {id(v): v for v in versions if v is not None}.values()
+        for version in distinct:  # held, so making one resident cannot evict another of this batch
+            self.registry.acquire(version)
+        try:
+            if not all(self.registry.make_resident(v) for v in distinct):
+                raise RuntimeError(f"score() takes at most max_resident_adapters={self.stacks.slots} "
+                                   f"distinct adapters at once")
+            return self._score(prompts, versions)
+        finally:
+            for version in distinct:
+                self.registry.release(version)
+
+    def _score(self, prompts: list[list[int]], versions: list[AdapterVersion | None]) -> list[torch.Tensor]:
         T = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), T, dtype=torch.long)
         for i, p in enumerate(prompts):

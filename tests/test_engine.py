@@ -69,6 +69,19 @@ def test_mixed_batch_logits_match_peft_per_request(engine, tiny_model_dir, tiny_
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=f"row with adapter {name}")
 
 
+def test_scoring_never_evicts_an_adapter_of_its_own_batch(tiny_config, tiny_adapters, engine):
+    small = Engine(tiny_config.replace(max_resident_adapters=2))
+    for name, path in tiny_adapters.items():
+        small.load_adapter(name, str(path))
+    prompts = [ids(small, p) for p in PROMPTS[:3]]
+    with pytest.raises(RuntimeError, match="at most max_resident_adapters=2 distinct adapters"):
+        small.score(prompts, ["elf", "guard", "merchant"])
+    got = small.score(prompts[:2], ["villain", "merchant"])  # both evicted before: reloaded together
+    want = engine.score(prompts[:2], ["villain", "merchant"])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_adapters_change_the_output(engine):
     prompt = ids(engine, PROMPTS[0])
     texts = {name: engine.generate([greedy(f"x{name}", prompt, name)])[0].text for name in NAMES}
