@@ -180,19 +180,25 @@ def markdown(reports: list[PersonaReport], command: str, seconds: float) -> str:
             parts.append(f"| {r.persona.id} | {cell(line)} | {cell(reply)} | {guess} |")
     parts += ["", "## How the adapters were trained", "",
               "From each adapter's `training.json`; `npcd train ID` with these options reproduces it.", "",
-              "| persona | command | examples | loss first -> last 5 |", "|---|---|---:|---|"]
+              "| persona | command | examples | loss first -> last 5 | kept step (validation loss) |",
+              "|---|---|---:|---|---|"]
     for r in reports:
         record_file = r.persona.adapter_path / "training.json"
         if not record_file.is_file():
-            parts.append(f"| {r.persona.id} | (no training.json) | | |")
+            parts.append(f"| {r.persona.id} | (no training.json) | | | |")
             continue
         t = json.loads(record_file.read_text())
         losses = t["losses"]
         command = (f"`npcd train {r.persona.id} --steps {t['steps']} --rank {t['rank']} --alpha {t['alpha']:g} "
                    f"--targets {','.join(t['targets'])} --lr {t['lr']:g} --batch-size {t['batch_size']} "
-                   f"--top-layers {t['top_layers']} --seed {t['seed']}`")
+                   f"--top-layers {t['top_layers']} --seed {t['seed']}"
+                   # adapters trained before early stopping existed used every example and kept the last step
+                   f" --val-fraction {t.get('val_fraction', 0):g}"
+                   + (f" --eval-every {t['eval_every']}" if t.get("val_fraction") else "") + "`")
+        best = t.get("best_step")
+        kept = f"{best} of {t['steps']} ({t['val_losses'][str(best)]:.2f})" if best else f"last ({t['steps']})"
         parts.append(f"| {r.persona.id} | {command} | {t['train_examples']} | "
-                     f"{losses[0]:.2f} -> {sum(losses[-5:]) / len(losses[-5:]):.2f} |")
+                     f"{losses[0]:.2f} -> {sum(losses[-5:]) / len(losses[-5:]):.2f} | {kept} |")
     return "\n".join(parts) + "\n"
 
 

@@ -12,6 +12,14 @@ prompt is built by the same PromptBuilder the daemon uses, so
 the adapter is trained on exactly the format it will see, and the loss covers
 only the reply tokens: the adapter learns how the character answers, not how
 players talk.
+
+Early stopping: with ~90 examples an adapter starts memorising them after a
+few dozen steps, and its loss on unseen lines rises again while its training
+loss keeps falling. A seeded `val_fraction` of the training examples is
+therefore held back from the optimizer; every `eval_every` steps the reply
+loss on them is measured and the adapter weights at the lowest value are the
+ones saved. These come from the training split only: the persona's held-out
+examples stay untouched for `npcd eval`.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class TrainConfig:
     top_layers: int = 16  # adapt only the top N decoder layers (0 = all)
     seed: int = 0
     save_dtype: str = "bfloat16"  # adapters are committed to the repo: half the size of fp32
+    val_fraction: float = 0.1  # share of the training examples kept for early stopping (0 = none)
+    eval_every: int = 2  # steps between validation losses
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -67,6 +77,8 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.top_layers >= 0, f"--top-layers must be >= 0, got {self.top_layers}")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(0 <= self.val_fraction < 0.5, f"--val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         need(self.save_dtype in ("bfloat16", "float32"), f"--save-dtype must be bfloat16 or float32, got {self.save_dtype!r}")
 
 
@@ -76,6 +88,8 @@ class TrainResult:
     losses: list[float]
     plot: Path | None
     seconds: float
+    val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # step (1-based) -> loss
+    best_step: int | None = None  # the step whose weights were saved; None without validation
 
 
 def find_persona(directory: Path, persona_id: str) -> Persona:
@@ -202,6 +216,19 @@ def reply_loss(model, batch: dict[str, "torch.Tensor"], first_trained: int) -> "
     return F.cross_entropy(logits.float(), targets[keep])
 
 
+def split_validation(n_items: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices: a seeded `fraction` of the items, at least one, for validation.
+
+    No validation set (fraction 0, or fewer than four items) leaves every item for training.
+    """
+    if fraction <= 0 or n_items < 4:
+        return list(range(n_items)), []
+    n_val = max(1, round(n_items * fraction))
+    order = list(range(n_items))
+    random.Random(f"val-{seed}").shuffle(order)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < config.warmup_steps:
@@ -289,8 +316,14 @@ def train_adapter(persona: Persona, config: TrainConfig, out_dir: Path, plot: Pa
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
 
+    train_idx, val_idx = split_validation(len(pairs), config.val_fraction, config.seed)
+    val_batch = collate([pairs[i] for i in val_idx], [hidden[i] for i in val_idx], width) if val_idx else None
+    val_losses: dict[int, float] = {}
+    best_step: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+
     losses: list[float] = []
-    plan = batches(len(pairs), config.batch_size, config.steps, config.seed)
+    plan = [[train_idx[i] for i in b] for b in batches(len(train_idx), config.batch_size, config.steps, config.seed)]
     bar = tqdm(plan, desc=f"train {persona.id}", unit="step", disable=not progress)
     for step, index in enumerate(bar):
         for group in optimizer.param_groups:
@@ -302,16 +335,32 @@ def train_adapter(persona: Persona, config: TrainConfig, out_dir: Path, plot: Pa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done = step + 1
+        if val_batch is not None and (done % config.eval_every == 0 or done == config.steps):
+            with torch.no_grad():
+                val_losses[done] = reply_loss(model, val_batch, first_trained).item()
+            if best_step is None or val_losses[done] < val_losses[best_step]:
+                best_step = done
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{val_losses[done]:.3f}")
+        else:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    if best_state is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in best_state:
+                    param.copy_(best_state[name])
 
     record = {"persona": persona.id, "persona_digest": persona.digest, **dataclasses.asdict(config),
-              "train_examples": len(pairs), "losses": [round(x, 4) for x in losses]}
+              "train_examples": len(pairs), "validation_examples": len(val_idx), "best_step": best_step,
+              "losses": [round(x, 4) for x in losses],
+              "val_losses": {str(k): round(v, 4) for k, v in val_losses.items()}}
     save_adapter(model, config, out_dir, record)
     if plot is not None:
         plot_losses(losses, plot, f"{persona.display_name} ({persona.id}): rank {config.rank}, "
                                   f"{'/'.join(t.removesuffix('_proj') for t in config.targets)}")
-    return TrainResult(out_dir, losses, plot, time.monotonic() - started)
+    return TrainResult(out_dir, losses, plot, time.monotonic() - started, val_losses, best_step)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -330,6 +379,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-layers", type=int, default=defaults.top_layers,
                         help=f"adapt only the top N decoder layers, 0 = all (default {defaults.top_layers})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help="share of the training examples held back to pick the best step by their loss, "
+                             f"0 = keep the last step (default {defaults.val_fraction})")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                        help=f"steps between validation losses (default {defaults.eval_every})")
     parser.add_argument("--save-dtype", default=defaults.save_dtype, choices=("bfloat16", "float32"))
     parser.add_argument("--out", type=Path, help="adapter directory (default: the persona's `adapter:`, "
                                                  "else adapters/<id> next to its file)")
@@ -343,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(base=args.base, steps=args.steps, rank=args.rank,
                          alpha=args.alpha if args.alpha is not None else 2.0 * args.rank, targets=targets,
                          lr=args.lr, batch_size=args.batch_size, top_layers=args.top_layers, seed=args.seed,
-                         save_dtype=args.save_dtype)
+                         save_dtype=args.save_dtype, val_fraction=args.val_fraction,
+                         eval_every=args.eval_every)
     config.validate()
     if args.threads:
         import torch
@@ -353,6 +408,9 @@ def run(args: argparse.Namespace) -> int:
     result = train_adapter(persona, config, out_dir, plot)
     first, last = result.losses[0], sum(result.losses[-5:]) / len(result.losses[-5:])
     print(f"{persona.id}: {len(result.losses)} steps in {result.seconds:.0f} s, loss {first:.3f} -> {last:.3f}")
+    if result.best_step is not None:
+        print(f"kept step {result.best_step}: validation loss {result.val_losses[result.best_step]:.3f} "
+              f"(first {next(iter(result.val_losses.values())):.3f})")
     print(f"adapter: {out_dir}\nloss curve: {plot}")
     if persona.adapter_path is None and args.out is None:
         rel = out_dir.relative_to(persona.source.parent)

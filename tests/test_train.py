@@ -150,3 +150,33 @@ def test_bad_settings_are_named(changes, message):
 def test_unknown_persona_is_named(persona_path):
     with pytest.raises(ValueError, match="no persona with id 'nobody'"):
         train.find_persona(persona_path.parent, "nobody")
+
+
+def test_validation_split_is_seeded_disjoint_and_optional():
+    train_idx, val_idx = train.split_validation(90, 0.1, seed=0)
+    assert len(val_idx) == 9 and sorted(train_idx + val_idx) == list(range(90))
+    assert train.split_validation(90, 0.1, seed=0) == (train_idx, val_idx)
+    assert train.split_validation(90, 0.1, seed=1)[1] != val_idx
+    assert train.split_validation(90, 0.0, seed=0) == (list(range(90)), [])
+    assert train.split_validation(3, 0.1, seed=0) == ([0, 1, 2], [])  # too few to spare one
+
+
+def test_early_stopping_keeps_the_step_with_the_lowest_validation_loss(tiny_model_dir, persona_path, tmp_path):
+    persona = load_persona(persona_path, require_adapter=False)
+    out = tmp_path / "x"
+    result = train.train_adapter(persona, config(tiny_model_dir, steps=6, eval_every=2, val_fraction=0.2), out,
+                                 progress=False)
+    assert sorted(result.val_losses) == [2, 4, 6]
+    assert result.best_step == min(result.val_losses, key=result.val_losses.__getitem__)
+    record = json.loads((out / "training.json").read_text())
+    assert record["validation_examples"] == 1 and record["best_step"] == result.best_step
+    assert len(record["losses"]) == 6
+    plain = train.train_adapter(persona, config(tiny_model_dir, val_fraction=0.0), tmp_path / "y", progress=False)
+    assert plain.best_step is None and plain.val_losses == {}
+
+
+def test_bad_validation_settings_are_named():
+    with pytest.raises(ValueError, match="--val-fraction"):
+        train.TrainConfig(val_fraction=0.6).validate()
+    with pytest.raises(ValueError, match="--eval-every"):
+        train.TrainConfig(eval_every=0).validate()
