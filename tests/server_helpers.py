@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import queue
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -108,3 +113,46 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> floa
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.02)
     return time.monotonic() - start
+
+
+def serve_argv(personas: Path, engine: Path, listen: str = "127.0.0.1:0", *extra: str) -> list[str]:
+    """`npcd serve` as a process, configured by flags alone, logging JSON to stderr."""
+    return [sys.executable, "-m", "npcd.cli", "serve", "--listen", listen, "--metrics", "0", "--log-json",
+            "--personas", str(personas), "--engine", str(engine), *extra]
+
+
+def serve_env() -> dict[str, str]:
+    """No NPCD_* settings leak in (the cache location aside): the flags say everything."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPCD_") or k == "NPCD_CACHE"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def spawn_daemon(personas: Path, engine: Path, cwd: Path, *extra: str,
+                 timeout_s: float = 180) -> tuple[subprocess.Popen, str, list[dict]]:
+    """Starts `npcd serve` on a free loopback port; returns (process, address, its parsed log).
+
+    The log list keeps filling while the daemon runs (a thread drains stderr for its whole life).
+    """
+    proc = subprocess.Popen(serve_argv(personas, engine, "127.0.0.1:0", *extra), cwd=cwd, env=serve_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log: list[dict] = []
+    listening = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"event": "unparsed", "line": line}
+            log.append(entry)
+            if entry.get("event") == "listening":
+                listening.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not listening.wait(timeout_s):
+        proc.kill()
+        proc.wait()
+        raise AssertionError("the daemon did not start:\n" + "\n".join(map(str, log[-40:])))
+    address = next(e["address"] for e in log if e.get("event") == "listening")
+    return proc, address, log

@@ -11,19 +11,16 @@ skipped, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from server_helpers import write_persona
+from server_helpers import serve_argv, serve_env, spawn_daemon, write_persona
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono")
@@ -65,18 +62,6 @@ def daemon_files(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path,
     return personas, engine, ["plain", *LORA_PERSONAS]
 
 
-def _serve_argv(personas: Path, engine: Path, listen: str) -> list[str]:
-    return [sys.executable, "-m", "npcd.cli", "serve", "--listen", listen, "--metrics", "0", "--log-json",
-            "--personas", str(personas), "--engine", str(engine)]
-
-
-def _daemon_env() -> dict[str, str]:
-    # No NPCD_* settings leak in (the cache location aside): the flags say everything.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NPCD_") or k == "NPCD_CACHE"}
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,28 +72,9 @@ def _free_port() -> int:
 def daemon(daemon_files, tmp_path_factory):
     """`npcd serve` on a free loopback port; yields its address once it listens."""
     personas, engine, _ = daemon_files
-    proc = subprocess.Popen(_serve_argv(personas, engine, "127.0.0.1:0"), cwd=tmp_path_factory.mktemp("cwd"),
-                            env=_daemon_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    address: list[str] = []
-    listening = threading.Event()
-
-    def read() -> None:  # drains stderr for the daemon's whole life
-        for line in proc.stderr:
-            log.append(line)
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == "listening":
-                address.append(entry["address"])
-                listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    proc, address, _ = spawn_daemon(personas, engine, tmp_path_factory.mktemp("cwd"))
     try:
-        if not listening.wait(180):
-            raise AssertionError("the daemon did not start:\n" + "".join(log[-40:]))
-        yield address[0]
+        yield address
     finally:
         proc.terminate()
         try:
@@ -128,12 +94,12 @@ def restart_log(tmp_path_factory) -> Path:
 def test_env(clients_build, daemon, daemon_files, restart_log) -> dict[str, str]:
     personas, engine, ids = daemon_files
     restart_addr = f"127.0.0.1:{_free_port()}"
-    env = _daemon_env()
+    env = serve_env()
     env.update(
         NPCD_TEST_ADDR=daemon,
         NPCD_TEST_PERSONAS=",".join(ids),
         NPCD_TEST_RESTART_ADDR=restart_addr,
-        NPCD_TEST_DAEMON_CMD=shlex.join(_serve_argv(personas, engine, restart_addr)) + f" 2>>{shlex.quote(str(restart_log))}",
+        NPCD_TEST_DAEMON_CMD=shlex.join(serve_argv(personas, engine, restart_addr)) + f" 2>>{shlex.quote(str(restart_log))}",
         LD_LIBRARY_PATH=str(clients_build / "native"),
     )
     return env

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import grpc
 
 from npcd._proto import npcd_pb2 as pb
 from npcd._proto import npcd_pb2_grpc
-from server_helpers import SessionClient, check_stream, write_persona
+from server_helpers import SessionClient, check_stream, spawn_daemon, write_persona
 
 
 def start_daemon(tmp_path, tiny_model_dir, *extra: str) -> tuple[subprocess.Popen, str, list[dict]]:
@@ -24,32 +20,8 @@ def start_daemon(tmp_path, tiny_model_dir, *extra: str) -> tuple[subprocess.Pope
     engine = tmp_path / "engine.yaml"
     engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 8\n"
                       "max_seq_len: 1024\nthreads: 2\n")
-    # No npcd.yaml in tmp_path and no NPCD_* settings: everything comes from the flags below.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NPCD_") or k == "NPCD_CACHE"}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "npcd.cli", "serve", "--listen", "127.0.0.1:0", "--metrics", "0", "--log-json",
-         "--personas", str(personas), "--engine", str(engine), *extra],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log: list[dict] = []
-    listening = threading.Event()
-
-    def read() -> None:  # keeps the pipe drained for the whole run
-        for line in proc.stderr:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = {"event": "unparsed", "line": line}
-            log.append(entry)
-            if entry.get("event") == "listening":
-                listening.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not listening.wait(120):
-        proc.kill()
-        raise AssertionError(f"the daemon did not start: {log}")
-    address = next(e["address"] for e in log if e.get("event") == "listening")
-    return proc, address, log
+    # No npcd.yaml in tmp_path: everything comes from the flags.
+    return spawn_daemon(personas, engine, tmp_path, *extra, timeout_s=120)
 
 
 def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_model_dir):
