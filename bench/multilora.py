@@ -10,6 +10,7 @@ Systems (all measured in this run, same dtype and thread count):
   hf_generate  transformers.generate, batch 1, no adapter (the single-stream reference)
   npcd_base    our engine, no adapters
   npcd_mixed   our engine, one adapter per row, 8 adapters cycling
+  npcd_*_int8  the same with `quantize: lm_head_int8` (int8 LM head; everything else fp32)
   llamacpp     llama.cpp on the original GGUF, single stream (only if llama_cpp imports)
 
 tokens_per_s counts generated tokens over wall time including prefill;
@@ -146,27 +147,34 @@ def bench_llamacpp(prompts, w: Workload) -> Record | None:
 
 def print_table(records: list[Record]) -> None:
     by = {(r.system, r.batch): r for r in records}
-    systems = [s for s in ("npcd_mixed", "npcd_base", "peft_mixed", "peft_serial", "hf_generate", "llamacpp")
-               if any(r.system == s for r in records)]
+    order = ("npcd_mixed", "npcd_base", "npcd_mixed_int8", "npcd_base_int8",
+             "peft_mixed", "peft_serial", "hf_generate", "llamacpp")
+    systems = [s for s in order if any(r.system == s for r in records)]
     batches = sorted({r.batch for r in records})
-    print(f"\n{'system':<12}" + "".join(f"{'B=' + str(b):>18}" for b in batches))
+    print(f"\n{'system':<16}" + "".join(f"{'B=' + str(b):>18}" for b in batches))
     for s in systems:
         cells = [f"{by[s, b].tokens_per_s:8.1f} {by[s, b].ms_per_step:6.1f}ms" if (s, b) in by else " " * 18
                  for b in batches]
-        print(f"{s:<12}" + "".join(f"{c:>18}" for c in cells))
-    print("(tokens/s, ms per decode step)\n\nratios (tokens/s of npcd_mixed over ...):")
-    for b in batches:
-        mixed = by.get(("npcd_mixed", b))
-        if not mixed:
+        print(f"{s:<16}" + "".join(f"{c:>18}" for c in cells))
+    print("(tokens/s, ms per decode step)")
+    for suffix in ("", "_int8"):
+        mixed_name, base_name = "npcd_mixed" + suffix, "npcd_base" + suffix
+        if not any(r.system == mixed_name for r in records):
             continue
-        parts = [f"{other} x{mixed.tokens_per_s / by[other, b].tokens_per_s:.2f}"
-                 for other in ("peft_mixed", "peft_serial") if (other, b) in by]
-        if ("npcd_base", b) in by:
-            parts.append(f"step vs npcd_base x{mixed.ms_per_step / by['npcd_base', b].ms_per_step:.2f}")
-        print(f"  B={b:<3} " + ", ".join(parts))
-    if ("npcd_base", 1) in by and ("hf_generate", 1) in by:
-        ratio = by["npcd_base", 1].tokens_per_s / by["hf_generate", 1].tokens_per_s
-        print(f"  single stream, no adapter: npcd_base / transformers.generate x{ratio:.2f}")
+        print(f"\nratios (tokens/s of {mixed_name} over ...):")
+        for b in batches:
+            mixed = by.get((mixed_name, b))
+            if not mixed:
+                continue
+            parts = [f"{other} x{mixed.tokens_per_s / by[other, b].tokens_per_s:.2f}"
+                     for other in ("npcd_mixed", "peft_mixed", "peft_serial")
+                     if (other, b) in by and other != mixed_name]
+            if (base_name, b) in by:
+                parts.append(f"step vs {base_name} x{mixed.ms_per_step / by[base_name, b].ms_per_step:.2f}")
+            print(f"  B={b:<3} " + ", ".join(parts))
+        if (base_name, 1) in by and ("hf_generate", 1) in by:
+            ratio = by[base_name, 1].tokens_per_s / by["hf_generate", 1].tokens_per_s
+            print(f"  single stream, no adapter: {base_name} / transformers.generate x{ratio:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path, help="engine YAML (default: engines/default.yaml settings)")
     parser.add_argument("--systems", default="npcd_mixed,npcd_base,peft_mixed,peft_serial,hf_generate,llamacpp")
     parser.add_argument("--batches", help="comma-separated batch sizes (overrides the mode's)")
+    parser.add_argument("--npcd-quantize", default="none,lm_head_int8",
+                        help="npcd runs once per quantize mode; lm_head_int8 systems get an _int8 suffix")
     args = parser.parse_args(argv)
     w = QUICK if args.quick else Workload()
     if args.batches:
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig.from_yaml(args.engine) if args.engine else EngineConfig()
     config = config.replace(max_batch_size=max(w.batches), max_seq_len=256, max_resident_adapters=w.adapters,
                             max_lora_rank=max(config.max_lora_rank, w.rank))
-    device, dtype = pick_device_dtype(config)
+    device, dtype, _ = pick_device_dtype(config.replace(quantize="none"))
     base_dir = resolve_base(config.base)
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -205,17 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = make_adapters(base_dir, Path(tmp), w)
         names = [f"a{i}" for i in range(w.adapters)]
-        engine = Engine(config)
-        for name, path in zip(names, adapter_dirs):
-            engine.load_adapter(name, str(path))
-        prompts = make_prompts(engine.tokenizer, max(w.batches), w.prompt_tokens)
-        bench_npcd(engine, prompts, [None], Workload(output_tokens=4), 2)  # warm-up
-        for b in w.batches:
-            if "npcd_mixed" in systems:
-                add("npcd_mixed", bench_npcd(engine, prompts, names, w, b))
-            if "npcd_base" in systems:
-                add("npcd_base", bench_npcd(engine, prompts, [None], w, b))
-        del engine
+        for mode in args.npcd_quantize.split(","):
+            suffix = "" if mode == "none" else "_int8"
+            engine = Engine(config.replace(quantize=mode))
+            for name, path in zip(names, adapter_dirs):
+                engine.load_adapter(name, str(path))
+            prompts = make_prompts(engine.tokenizer, max(w.batches), w.prompt_tokens)
+            bench_npcd(engine, prompts, [None], Workload(output_tokens=4), 2)  # warm-up
+            for b in w.batches:
+                if "npcd_mixed" in systems:
+                    add("npcd_mixed" + suffix, bench_npcd(engine, prompts, names, w, b))
+                if "npcd_base" in systems:
+                    add("npcd_base" + suffix, bench_npcd(engine, prompts, [None], w, b))
+            del engine
 
         if systems & {"peft_mixed", "peft_serial", "hf_generate"}:
             from peft import PeftModel

@@ -1,9 +1,11 @@
 """`npcd` command line: a small registry of subcommand modules.
 
-Each subcommand lives in its own module exposing `HELP`, `add_arguments(parser)`
-and `run(args) -> int`; adding one is one line in COMMANDS. Modules keep heavy
-imports (torch, the engine) inside `run`, so `npcd --help` and
-`npcd personas check` start instantly and need no model.
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`; adding one is one entry in COMMANDS, with its help line.
+Only the module of the command being run is imported, so a command's
+imports cannot break the others, and modules keep heavy imports (torch, the
+engine) inside `run`: `npcd --help` and `npcd personas check` start
+instantly and need no model.
 """
 
 from __future__ import annotations
@@ -12,32 +14,50 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 
-COMMANDS: dict[str, str] = {
-    "serve": "npcd.commands.serve",
-    "say": "npcd.commands.say",
-    "personas": "npcd.commands.personas",
-    "train": "npcd.train",
-    "eval": "npcd.evaluate",
-    "demo": "npcd.demo",
-    "loadtest": "npcd.loadtest.command",
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # exposes add_arguments(parser) and run(args) -> int
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("npcd.commands.serve",
+        "run the daemon (gRPC API, persona hot-reload, metrics)"),
+    "say": Command("npcd.commands.say",
+        "ask a persona for one line and stream the answer (needs `npcd serve`, or --local)"),
+    "personas": Command("npcd.commands.personas",
+        "list a running daemon's personas, or check a personas directory"),
+    "train": Command("npcd.train",
+        "fine-tune a persona's LoRA adapter on its example exchanges (CPU, a few minutes)"),
+    "eval": Command("npcd.evaluate",
+        "measure each persona's adapter on held-out examples (NLL and attribution) and write a report"),
+    "demo": Command("npcd.demo",
+        "demos of mixed-adapter batches; `npcd demo story \"an idea\"`"),
+    "loadtest": Command("npcd.loadtest.command",
+        "play game dialogue traffic against a daemon and report latency, throughput and batch sizes"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported, so one command's imports cannot break another."""
     parser = argparse.ArgumentParser(prog="npcd", description="Voices for game NPCs: one base LLM, a LoRA per persona.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(_run=module.run)
+    for name, spec in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=spec.help, description=spec.help)
+        if name == command:
+            module = importlib.import_module(spec.module)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     try:
         return args._run(args)
     except (ValueError, FileNotFoundError) as exc:  # bad configuration: say what, no traceback

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import yaml
 
-BACKENDS = ("torch",)  # "tensorrt-llm" slots in behind npcd.backend.Backend
+from npcd.quant import QUANTIZE_MODES
+
+BACKENDS = ("torch",)
+# alternate: a prefill step, then a decode step; eager: prefill whenever requests wait;
+# mixed: running rows decode in the same forward that prefills the newcomers.
+PREFILL_POLICIES = ("alternate", "eager", "mixed")  # "tensorrt-llm" slots in behind npcd.backend.Backend
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,7 @@ class EngineConfig:
     base: str = "embedded:smollm2-135m-instruct"  # or a local HF Llama-family directory
     dtype: str = "auto"            # auto | bfloat16 | float32; auto = bf16 where the CPU/GPU has native bf16
     device: str = "auto"           # auto | cpu | cuda
+    quantize: str = "none"         # none | lm_head_int8 | auto (lm_head_int8 on a CPU without native bf16); see npcd.quant
     max_batch_size: int = 32       # KV-cache slots = sequences decoded together
     max_seq_len: int = 1024        # prompt + output tokens per sequence
     kv_cache_mb: int = 0           # 0 = size for max_batch_size x max_seq_len; else a cap that lowers max_batch_size
@@ -27,7 +33,7 @@ class EngineConfig:
     max_queue: int = 256           # waiting requests before QUEUE_FULL
     prefix_cache_entries: int = 32  # persona prompt prefixes kept (per persona + adapter version)
     prefill_token_budget: int = 2048  # prompt tokens prefilled in one step
-    prefill_policy: str = "alternate"  # alternate: at most one prefill step between decodes; eager: prefill whenever requests wait
+    prefill_policy: str = "alternate"  # alternate | eager | mixed (docs/performance.md)
     threads: int = 0               # torch threads; 0 = all cores
 
     @classmethod
@@ -65,6 +71,12 @@ class EngineConfig:
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        need(self.quantize in QUANTIZE_MODES, f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.quantize == "lm_head_int8":
+            need(self.device in ("auto", "cpu"),
+                 f"quantize: lm_head_int8 runs on the CPU only, but device is {self.device!r}")
+            need(self.dtype in ("auto", "float32"),
+                 f"quantize: lm_head_int8 needs fp32 activations, so dtype must be auto or float32, got {self.dtype!r}")
         need(1 <= self.max_batch_size <= 1024, f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
         need(16 <= self.max_seq_len <= 131072, f"max_seq_len must be in 16..131072, got {self.max_seq_len}")
         need(self.kv_cache_mb >= 0, f"kv_cache_mb must be >= 0, got {self.kv_cache_mb}")
@@ -74,8 +86,8 @@ class EngineConfig:
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         need(self.prefix_cache_entries >= 0, f"prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
         need(self.prefill_token_budget >= 16, f"prefill_token_budget must be >= 16, got {self.prefill_token_budget}")
-        need(self.prefill_policy in ("alternate", "eager"),
-             f"prefill_policy must be alternate or eager, got {self.prefill_policy!r}")
+        need(self.prefill_policy in PREFILL_POLICIES,
+             f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}")
         need(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
 
     def replace(self, **changes) -> "EngineConfig":

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from npcd.personas import Persona, load_dir
 
-HELP = "demos of mixed-adapter batches; `npcd demo story \"an idea\"`"
 _SENTENCE = re.compile(r"[^.!?]*[.!?]+[\"')\]]*|[^.!?]+$")
 
 
@@ -61,15 +60,21 @@ def _stream(engine, requests: list, lines: dict[str, Line], refresh) -> int:
     return widest
 
 
-def _request(builder, persona: Persona, request_id: str, line: str, seed: int):
+def _request(builder, persona: Persona, request_id: str, line: str, seed: int, max_tokens: int | None):
+    import dataclasses
+
     from npcd.backend import GenerationRequest
 
     prompt = builder.build(persona, speaker="Writer", line=line)
-    return GenerationRequest(request_id=request_id, prompt_ids=prompt.ids, sampling=persona.sampling_params(seed),
+    sampling = persona.sampling_params(seed)
+    if max_tokens is not None:
+        sampling = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, max_tokens))
+    return GenerationRequest(request_id=request_id, prompt_ids=prompt.ids, sampling=sampling,
                              adapter=persona.id if persona.adapter_path else None, prefix_len=prompt.prefix_len)
 
 
-def story(engine, storyteller: Persona, illustrator: Persona, idea: str, beats: int, seed: int, console) -> int:
+def story(engine, storyteller: Persona, illustrator: Persona, idea: str, beats: int, seed: int, console,
+          max_tokens: int | None = None) -> int:
     from rich.live import Live
     from rich.panel import Panel
     from rich.table import Table
@@ -80,7 +85,7 @@ def story(engine, storyteller: Persona, illustrator: Persona, idea: str, beats: 
     story_line = {"story": Line()}
     title = f"{storyteller.display_name} ({storyteller.id}): {idea}"
     with Live(console=console, refresh_per_second=8) as live:
-        _stream(engine, [_request(builder, storyteller, "story", idea, seed)], story_line,
+        _stream(engine, [_request(builder, storyteller, "story", idea, seed, max_tokens)], story_line,
                 lambda: live.update(Panel(story_line["story"].text or "...", title=title)))
     chosen = split_beats(story_line["story"].text)[:beats]
     if not chosen:
@@ -93,7 +98,7 @@ def story(engine, storyteller: Persona, illustrator: Persona, idea: str, beats: 
         for persona, kind in ((storyteller, "expand"), (illustrator, "image")):
             rid = f"{kind}-{i}"
             lines[rid] = Line()
-            requests.append(_request(builder, persona, rid, beat, seed + 1 + i))
+            requests.append(_request(builder, persona, rid, beat, seed + 1 + i, max_tokens))
 
     def render() -> Table:
         table = Table(title=f"{len(chosen)} beats x 2 personas: one mixed batch of {len(requests)} requests",
@@ -126,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--personas", type=Path, default=Path("personas"), help="personas directory (default personas)")
     p.add_argument("--engine", type=Path, help="engine definition (default: the embedded base, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-tokens", type=int, help="cap every line at this many tokens (default: the personas')")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
 
 
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.beats < 1:
         raise ValueError(f"--beats must be >= 1, got {args.beats}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if not args.idea.strip():
         raise ValueError("the idea must not be empty")
     personas, errors = load_dir(args.personas)
@@ -149,4 +157,5 @@ def run(args: argparse.Namespace) -> int:
     for persona in (storyteller, illustrator):
         if persona.adapter_path is not None:
             engine.load_adapter(persona.id, str(persona.adapter_path))
-    return story(engine, storyteller, illustrator, args.idea, args.beats, args.seed, Console())
+    return story(engine, storyteller, illustrator, args.idea, args.beats, args.seed, Console(),
+                 args.max_tokens)

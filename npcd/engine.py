@@ -35,7 +35,8 @@ from npcd.config import EngineConfig
 from npcd.detokenizer import IncrementalDetokenizer
 from npcd.kv_cache import KVCache, PrefixCache
 from npcd.lora import GatherCache, LoraBatch, LoraStacks
-from npcd.model import LlamaModel, StepInputs
+from npcd.model import LlamaModel, RowBlock, StepInputs
+from npcd import quant
 from npcd.model_store import resolve_base
 from npcd.sampler import SamplerState, sample
 from npcd.scheduler import Scheduler
@@ -51,19 +52,31 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
+    """Where the engine runs, its activation dtype, and whether base weights are int8."""
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {config.device!r} was asked for, but CUDA is not available")
-    if config.dtype == "auto":
+    quantize = config.quantize
+    if quantize == "auto":
+        quantize = "lm_head_int8" if device.type == "cpu" and config.dtype in ("auto", "float32") \
+            and not cpu_has_native_bf16() and quant.supported() else "none"
+    if quantize == "lm_head_int8":
+        if device.type != "cpu":
+            raise RuntimeError(f"quantize: lm_head_int8 runs on the CPU only, but the engine would run on {device}")
+        if not quant.supported():
+            raise RuntimeError("quantize: lm_head_int8 needs torch's x86/fbgemm quantized engine, "
+                               "which this torch build lacks")
+        dtype = torch.float32
+    elif config.dtype == "auto":
         native = device.type == "cuda" or cpu_has_native_bf16()
         dtype = torch.bfloat16 if native else torch.float32
     else:
         dtype = getattr(torch, config.dtype)
-    return device, dtype
+    return device, dtype, quantize
 
 
 @dataclass(eq=False)
@@ -95,7 +108,9 @@ class Sequence:
 
     @property
     def prefill_tokens(self) -> int:
-        return len(self.request.prompt_ids)
+        """Tokens its prefill will compute, for the step budget: the persona prefix is counted as cached
+        (after a persona's first line it is)."""
+        return len(self.request.prompt_ids) - max(0, min(self.request.prefix_len, len(self.request.prompt_ids) - 1))
 
     def prefix_key(self) -> tuple | None:
         p = self.request.prefix_len
@@ -110,7 +125,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device, self.dtype = pick_device_dtype(config)
+        self.device, self.dtype, self.quantize = pick_device_dtype(config)
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         from transformers import AutoTokenizer
@@ -119,7 +134,8 @@ class Engine:
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_seq_len = config.max_seq_len
-        self.model = LlamaModel.load(model_dir, self.dtype, self.device, config.max_seq_len)
+        self.model = LlamaModel.load(model_dir, self.dtype, self.device, config.max_seq_len,
+                                     self.quantize)
         spec = self.model.spec
         self.spec = spec
         slots = KVCache.slots_for_budget(spec, config.max_seq_len, self.dtype, config.kv_cache_mb,
@@ -286,22 +302,26 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """One forward pass (prefill or decode). Returns False when there was nothing to do."""
+        """One forward pass. Returns False when there was nothing to do.
+
+        What a step holds depends on `prefill_policy`: `alternate` prefills newcomers in a step
+        of their own and then owes the running rows a decode step; `eager` prefills whenever
+        requests wait; `mixed` decodes every running row and prefills the newcomers in the same
+        forward, so nobody waits for anybody's prompt.
+        """
         self.drain_inbox()
         self._expire(time.monotonic())
+        policy = self.config.prefill_policy
         newcomers: list[Sequence] = []
-        decode_owed = self.config.prefill_policy == "alternate" and self._last_was_prefill and self.running
+        decode_owed = policy == "alternate" and self._last_was_prefill and self.running
         if len(self.scheduler) and not decode_owed:
             newcomers = self.scheduler.admit(self.kv.slots - len(self.running), self.config.prefill_token_budget,
                                              self._can_run)
-        if newcomers:
-            self._prefill(newcomers)
-            self._last_was_prefill = True
-        elif self.running:
-            self._decode()
-            self._last_was_prefill = False
-        else:
+        if not newcomers and not self.running:
             return False
+        decoding = list(self.running) if policy == "mixed" or not newcomers else []
+        self._forward(decoding, newcomers)
+        self._last_was_prefill = bool(newcomers)
         self.steps += 1
         return True
 
@@ -321,57 +341,64 @@ class Engine:
             self._lora_cache = (key, LoraBatch(row_slots, self.stacks, self._gathered))
         return self._lora_cache[1]
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _forward(self, decoding: list[Sequence], newcomers: list[Sequence]) -> None:
+        """Decodes one token for `decoding` (slots 0..D-1) and prefills `newcomers` into the next slots."""
         now = time.monotonic()
-        start = len(self.running)
+        blocks: list[RowBlock] = []
+        tokens: list[int] = []
+        row_slots: list[int] = []
+        last_index: list[int] = []
+        if decoding:
+            pos = [s.length - 1 for s in decoding]
+            blocks.append(RowBlock(slot_start=0, positions=torch.tensor(pos, device=self.device).view(-1, 1),
+                                   kv_len=max(pos) + 1))
+            tokens += [s.generated[-1] for s in decoding]
+            row_slots += [s.adapter.slot if s.adapter else -1 for s in decoding]
+            last_index += range(len(decoding))
         misses: list[tuple[Sequence, tuple]] = []
-        for seq in seqs:
-            seq.scheduled_at = now
-            slot = len(self.running)
-            self.running.append(seq)
-            key = seq.prefix_key()
-            if key is not None:
-                kv = self.prefix_cache.get(key)
-                if kv is not None:
-                    self.kv.write(slot, kv)
-                    seq.cached = seq.request.prefix_len
-                else:
-                    misses.append((seq, key))
-        news = [seq.prompt[seq.cached:] for seq in seqs]
-        T = max(len(t) for t in news)
-        tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-        positions = torch.zeros(len(seqs), T, dtype=torch.long)
-        for i, (seq, t) in enumerate(zip(seqs, news)):
-            tokens[i, :len(t)] = torch.tensor(t)
-            positions[i] = torch.arange(seq.cached, seq.cached + T)
-        row_slots = [s.adapter.slot if s.adapter else -1 for s in seqs for _ in range(T)]
-        step = StepInputs(tokens=tokens.to(self.device), positions=positions.to(self.device),
-                          last_index=torch.tensor([len(t) - 1 for t in news], device=self.device),
-                          slot_start=start, kv_len=max(len(s.prompt) for s in seqs),
-                          lora=self._lora_for(row_slots))
+        if newcomers:
+            start = len(self.running)
+            for seq in newcomers:
+                seq.scheduled_at = now
+                slot = len(self.running)
+                self.running.append(seq)
+                key = seq.prefix_key()
+                if key is not None:
+                    kv = self.prefix_cache.get(key)
+                    if kv is not None:
+                        self.kv.write(slot, kv)
+                        seq.cached = seq.request.prefix_len
+                    else:
+                        misses.append((seq, key))
+            news = [seq.prompt[seq.cached:] for seq in newcomers]
+            blocks.append(self._prefill_block(news, [seq.cached for seq in newcomers], start))
+            for seq, new in zip(newcomers, news):
+                tokens += new
+                row_slots += [seq.adapter.slot if seq.adapter else -1] * len(new)
+                last_index.append(len(tokens) - 1)
+            self.prompt_tokens += sum(len(t) for t in news)
+        step = StepInputs(tokens=torch.tensor(tokens, device=self.device), blocks=blocks,
+                          last_index=torch.tensor(last_index, device=self.device), lora=self._lora_for(row_slots))
         logits = self.model.forward(step, self.kv.k, self.kv.v)
         for seq, key in misses:
             self.prefix_cache.put(key, self.kv.read(self.running.index(seq), seq.request.prefix_len))
-        for seq in seqs:
+        for seq in decoding:
+            seq.kv_len = seq.length
+        for seq in newcomers:
             seq.kv_len = len(seq.prompt)
-        self.prompt_tokens += sum(len(t) for t in news)
-        self.last_batch_size = len(seqs)
-        self._emit_tokens(seqs, logits)
+        self.last_batch_size = len(decoding) + len(newcomers)
+        self._emit_tokens(decoding + newcomers, logits)
 
-    def _decode(self) -> None:
-        seqs = self.running
-        last = [s.generated[-1] for s in seqs]
-        pos = [s.length - 1 for s in seqs]
-        step = StepInputs(tokens=torch.tensor(last, device=self.device).view(-1, 1),
-                          positions=torch.tensor(pos, device=self.device).view(-1, 1),
-                          last_index=torch.zeros(len(seqs), dtype=torch.long, device=self.device),
-                          slot_start=0, kv_len=max(pos) + 1,
-                          lora=self._lora_for([s.adapter.slot if s.adapter else -1 for s in seqs]))
-        logits = self.model.forward(step, self.kv.k, self.kv.v)
-        for s in seqs:
-            s.kv_len = s.length
-        self.last_batch_size = len(seqs)
-        self._emit_tokens(list(seqs), logits)
+    def _prefill_block(self, news: list[list[int]], starts: list[int], slot_start: int) -> RowBlock:
+        """Rows of new tokens (row i continues at position starts[i]), padded to the longest for attention."""
+        T = max(len(t) for t in news)
+        lengths = torch.tensor([len(t) for t in news])
+        first = torch.tensor(starts)
+        packed = None
+        if any(len(t) != T for t in news):
+            packed = (torch.arange(T) < lengths.view(-1, 1)).view(-1).nonzero().view(-1).to(self.device)
+        return RowBlock(slot_start=slot_start, positions=(first.view(-1, 1) + torch.arange(T)).to(self.device),
+                        kv_len=int((first + lengths).max()), packed=packed)
 
     def _emit_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         ids = sample(logits.cpu(), [s.sampler for s in seqs])
@@ -477,17 +504,14 @@ class Engine:
                 self.registry.release(version)
 
     def _score(self, prompts: list[list[int]], versions: list[AdapterVersion | None]) -> list[torch.Tensor]:
-        T = max(len(p) for p in prompts)
-        tokens = torch.zeros(len(prompts), T, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p)
-        positions = torch.arange(T).expand(len(prompts), T).contiguous()
-        row_slots = [v.slot if v else -1 for v in versions for _ in range(T)]
-        step = StepInputs(tokens=tokens.to(self.device), positions=positions.to(self.device),
-                          last_index=torch.zeros(len(prompts), dtype=torch.long), slot_start=0, kv_len=T,
-                          lora=self._lora_for(row_slots), all_logits=True)
+        row_slots = [v.slot if v else -1 for v, p in zip(versions, prompts) for _ in p]
+        lengths = torch.tensor([len(p) for p in prompts])
+        step = StepInputs(tokens=torch.tensor([t for p in prompts for t in p], device=self.device),
+                          blocks=[self._prefill_block(prompts, [0] * len(prompts), 0)],
+                          last_index=(lengths.cumsum(0) - 1).to(self.device), lora=self._lora_for(row_slots),
+                          all_logits=True)
         logits = self.model.forward(step, self.kv.k, self.kv.v)
-        return [logits[i, :len(p)] for i, p in enumerate(prompts)]
+        return list(logits.split(lengths.tolist()))
 
     def stats(self) -> EngineStats:
         return EngineStats(

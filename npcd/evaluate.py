@@ -24,7 +24,6 @@ from typing import Iterable, Sequence
 
 from npcd.personas import Persona, load_dir
 
-HELP = "measure each persona's adapter on held-out examples (NLL and attribution) and write a report"
 _WORD = re.compile(r"[a-z']+|[0-9]+|[^\sa-z0-9]")
 
 
@@ -35,26 +34,29 @@ def features(text: str) -> list[str]:
 
 
 class NaiveBayes:
-    """Multinomial naive Bayes with add-one smoothing over `features`."""
+    """Multinomial naive Bayes with add-one smoothing over `features`, fit on balanced classes.
+
+    Every persona contributes the same number of lines (its first ones) and the
+    prior is uniform: a persona whose designer wrote twice the examples would
+    otherwise know more words and win lines on vocabulary alone.
+    """
 
     def __init__(self, labelled: Iterable[tuple[str, str]]):
-        self.counts: dict[str, Counter[str]] = {}
-        docs: Counter[str] = Counter()
+        texts: dict[str, list[str]] = {}
         for label, text in labelled:
-            self.counts.setdefault(label, Counter()).update(features(text))
-            docs[label] += 1
-        if len(self.counts) < 2:
+            texts.setdefault(label, []).append(text)
+        if len(texts) < 2:
             raise ValueError("attribution needs at least two personas with examples")
+        per_class = min(len(t) for t in texts.values())
+        self.counts = {label: Counter(f for text in t[:per_class] for f in features(text))
+                       for label, t in texts.items()}
         self.vocab = set().union(*self.counts.values())
-        total_docs = sum(docs.values())
-        self.log_prior = {label: math.log(n / total_docs) for label, n in docs.items()}
         self.totals = {label: sum(c.values()) for label, c in self.counts.items()}
 
     def scores(self, text: str) -> dict[str, float]:
         feats = [f for f in features(text) if f in self.vocab]
         v = len(self.vocab)
-        return {label: self.log_prior[label] + sum(math.log((counts[f] + 1) / (self.totals[label] + v))
-                                                   for f in feats)
+        return {label: sum(math.log((counts[f] + 1) / (self.totals[label] + v)) for f in feats)
                 for label, counts in self.counts.items()}
 
     def predict(self, text: str) -> str:

@@ -1,12 +1,15 @@
 """A Llama decoder that reads like the paper, written for batched serving.
 
-Each step gets a padded block of tokens, [rows, T]: T == 1 when decoding, the
-(right-padded) new prompt tokens when prefilling. Row i lives in KV-cache slot
-`slot_start + i`, so the rows of a step are a contiguous view of the cache and
-attention never copies keys. New keys/values are written into the cache first,
-then every query attends over the cache up to its own position (a causal mask
-built once per step), which covers prefill, prefill after a cached persona
-prefix, and decode with one code path.
+A step is a list of tokens from one or two blocks of rows: decode rows (one
+new token each) and prefill rows (their new prompt tokens, right-padded to a
+block width T). Row i of a block lives in KV-cache slot `slot_start + i`, so
+a block is a contiguous view of the cache and attention never copies keys.
+New keys/values are written into the cache first, then every query attends
+over the cache up to its own position (a causal mask built once per step),
+which covers prefill, prefill after a cached persona prefix, and decode with
+one code path. Everything but attention runs once over the token list, real
+tokens only: padding costs no GEMM work, and decode rows share the
+projections' GEMMs with the prompts being prefilled in the same step.
 
 Projections are fused where they share an input (q/k/v, gate/up): fewer, larger
 GEMMs, and the LoRA operator (npcd.lora) adds each adapter's delta into the
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from npcd.lora import LoraBatch
+from npcd.quant import int8_linear, pack_int8
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,47 @@ class LlamaSpec:
 
 
 @dataclass
-class StepInputs:
-    """One forward step over `rows` sequences in cache slots [slot_start, slot_start + rows)."""
+class RowBlock:
+    """Rows of a step that share a padded width T, in cache slots [slot_start, slot_start + rows).
 
-    tokens: torch.Tensor      # [rows, T] long, right-padded
-    positions: torch.Tensor   # [rows, T] long: absolute position of each token
-    last_index: torch.Tensor  # [rows] long: column of each row's last real token
+    A decode block has T == 1; a prefill block holds right-padded new prompt
+    tokens. Only attention sees the padded [rows, T] grid; `packed` maps the
+    block's real tokens into it (None: every cell is real).
+    """
+
     slot_start: int
-    kv_len: int               # keys to attend over: max over rows of (position of last token + 1)
-    lora: LoraBatch | None = None
+    positions: torch.Tensor            # [rows, T] long: absolute position of each cell
+    kv_len: int                        # keys to attend over: max over rows of (position of last token + 1)
+    packed: torch.Tensor | None = None  # [n] long: the real tokens' cells in positions.view(-1)
+
+    @property
+    def token_count(self) -> int:
+        return self.positions.numel() if self.packed is None else self.packed.numel()
+
+
+@dataclass
+class StepInputs:
+    """One forward step: a token list covering one or two row blocks (decode rows, then prefill rows)."""
+
+    tokens: torch.Tensor      # [n] long: the real tokens of every block, block after block, row after row
+    blocks: list[RowBlock]
+    last_index: torch.Tensor  # [rows] long: each row's last token, as an index into `tokens`
+    lora: LoraBatch | None = None  # routes `tokens` to adapters
     all_logits: bool = False  # logits for every token (scoring) instead of each row's last
+
+
+@dataclass
+class _BlockPlan:
+    """What a block needs in every layer, computed once per step."""
+
+    block: RowBlock
+    tokens: slice             # its part of the step's token list
+    slots: slice
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    write_pos: torch.Tensor
+    row_index: torch.Tensor
 
 
 class LayerWeights:
@@ -123,7 +158,7 @@ class LlamaModel:
     """Weights plus a functional forward; no nn.Module machinery on the hot path."""
 
     def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_seq_len: int):
+                 device: torch.device, max_seq_len: int, quantize: str = "none"):
         self.spec, self.dtype, self.device = spec, dtype, device
 
         def w(name: str) -> torch.Tensor:
@@ -143,6 +178,11 @@ class LlamaModel:
             layer.gate_up = torch.cat([w(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj")]).contiguous()
             layer.down = w(p + "mlp.down_proj.weight")
             self.layers.append(layer)
+        # The LM head is one call, self.head(x); lm_head_int8 swaps its weight and its op (npcd.quant).
+        self.head = lambda x: F.linear(x, self.lm_head)
+        if quantize == "lm_head_int8":
+            packed_head = pack_int8(self.lm_head)
+            self.head = lambda x: int8_linear(x, packed_head)
 
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
         if spec.rope_scaling:
@@ -154,7 +194,8 @@ class LlamaModel:
         self.key_index = torch.arange(max_seq_len, device=device)
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device, max_seq_len: int) -> "LlamaModel":
+    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device, max_seq_len: int,
+             quantize: str = "none") -> "LlamaModel":
         spec = LlamaSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
@@ -164,7 +205,7 @@ class LlamaModel:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     weights[key] = st.get_tensor(key)
-        return cls(spec, weights, dtype, device, max_seq_len)
+        return cls(spec, weights, dtype, device, max_seq_len, quantize)
 
     # -- the forward -------------------------------------------------------
 
@@ -173,25 +214,52 @@ class LlamaModel:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def _plan(self, step: StepInputs, cache_len: int) -> list[_BlockPlan]:
+        plans, start = [], 0
+        for b in step.blocks:
+            rows, T = b.positions.shape
+            L = b.kv_len
+            plans.append(_BlockPlan(
+                block=b, tokens=slice(start, start + b.token_count), slots=slice(b.slot_start, b.slot_start + rows),
+                cos=self.cos[b.positions].unsqueeze(2), sin=self.sin[b.positions].unsqueeze(2),      # [rows, T, 1, hd]
+                # query t of row i sees key j iff j <= its position (stale keys of a slot's last user are beyond it)
+                mask=self.key_index[:L].view(1, 1, 1, L) <= b.positions.view(rows, 1, T, 1),
+                write_pos=b.positions.clamp(max=cache_len - 1),
+                row_index=torch.arange(rows, device=self.device).view(rows, 1)))
+            start += b.token_count
+        return plans
+
+    def _attend(self, qkv: torch.Tensor, p: _BlockPlan, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One block's attention: [its tokens, q+k+v] -> [its tokens, heads * head_dim]; writes its keys first."""
+        s = self.spec
+        hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
+        rows, T = p.block.positions.shape
+        if p.block.packed is not None:
+            qkv = qkv.new_zeros(rows * T, qkv.shape[1]).index_copy_(0, p.block.packed, qkv)
+        qkv = qkv.view(rows, T, nh + 2 * nkv, hd)
+        q = self._rope(qkv[:, :, :nh], p.cos, p.sin)
+        k = self._rope(qkv[:, :, nh:nh + nkv], p.cos, p.sin)
+        v = qkv[:, :, nh + nkv:]
+        kc, vc = k_cache[p.slots], v_cache[p.slots]                     # [rows, nkv, S, hd] views
+        kc[p.row_index, :, p.write_pos] = k
+        vc[p.row_index, :, p.write_pos] = v
+        L = p.block.kv_len
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=p.mask, enable_gqa=nkv != nh)
+        attn = attn.transpose(1, 2).reshape(rows * T, nh * hd)
+        return attn if p.block.packed is None else attn.index_select(0, p.block.packed)
+
     def forward(self, step: StepInputs, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Runs one step, writing new keys/values into the cache; returns fp32 logits.
 
         k_cache / v_cache: [layers, slots, kv_heads, max_seq_len, head_dim].
-        Returns [rows, vocab] (each row's last token) or [rows, T, vocab] with all_logits.
+        Returns [rows, vocab] (each row's last token) or, with all_logits, [n, vocab] for every token.
+        The projections, the MLP and the LoRA deltas run once over the whole token list, decode and
+        prefill rows together; attention runs per block.
         """
         s = self.spec
-        rows, T = step.tokens.shape
-        hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
-        slots = slice(step.slot_start, step.slot_start + rows)
-        L = step.kv_len
-
-        x = F.embedding(step.tokens.reshape(-1), self.embed)           # [rows*T, H]
-        cos = self.cos[step.positions].unsqueeze(2)                      # [rows, T, 1, hd]
-        sin = self.sin[step.positions].unsqueeze(2)
-        # query t of row i sees key j iff j <= its position (stale keys of a slot's last user are beyond it)
-        mask = (self.key_index[:L].view(1, 1, 1, L) <= step.positions.view(rows, 1, T, 1))
-        write_pos = step.positions.clamp(max=k_cache.shape[3] - 1)
-        row_index = torch.arange(rows, device=self.device).view(rows, 1)
+        plans = self._plan(step, k_cache.shape[3])
+        x = F.embedding(step.tokens, self.embed)                        # [n, H]
         lora = step.lora
 
         for li, layer in enumerate(self.layers):
@@ -199,16 +267,8 @@ class LlamaModel:
             qkv = F.linear(h, layer.qkv)
             if lora is not None:
                 lora.add_delta(h, qkv, li, "qkv")
-            qkv = qkv.view(rows, T, nh + 2 * nkv, hd)
-            q = self._rope(qkv[:, :, :nh], cos, sin)
-            k = self._rope(qkv[:, :, nh:nh + nkv], cos, sin)
-            v = qkv[:, :, nh + nkv:]
-            kc, vc = k_cache[li, slots], v_cache[li, slots]              # [rows, nkv, S, hd] views
-            kc[row_index, :, write_pos] = k
-            vc[row_index, :, write_pos] = v
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], attn_mask=mask, enable_gqa=nkv != nh)
-            attn = attn.transpose(1, 2).reshape(rows * T, nh * hd)
+            parts = [self._attend(qkv[p.tokens], p, k_cache[li], v_cache[li]) for p in plans]
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             out = F.linear(attn, layer.o)
             if lora is not None:
                 lora.add_delta(attn, out, li, "o")
@@ -227,7 +287,6 @@ class LlamaModel:
 
         if step.all_logits:
             x = F.rms_norm(x, (s.hidden_size,), self.norm, s.rms_norm_eps)
-            return F.linear(x, self.lm_head).float().view(rows, T, -1)
-        last = x.view(rows, T, -1)[torch.arange(rows, device=self.device), step.last_index]
-        last = F.rms_norm(last, (s.hidden_size,), self.norm, s.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+            return self.head(x).float()
+        last = F.rms_norm(x.index_select(0, step.last_index), (s.hidden_size,), self.norm, s.rms_norm_eps)
+        return self.head(last).float()

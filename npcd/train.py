@@ -40,7 +40,6 @@ from npcd.personas import Persona, PersonaError, load_persona
 if TYPE_CHECKING:
     import torch
 
-HELP = "fine-tune a persona's LoRA adapter on its example exchanges (CPU, a few minutes)"
 DEFAULT_BASE = "embedded:smollm2-135m-instruct"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label value the loss skips
@@ -100,7 +99,7 @@ def find_persona(directory: Path, persona_id: str) -> Persona:
     for path in sorted(directory.glob("*.yaml")):
         try:
             persona = load_persona(path, require_adapter=False)
-        except PersonaError as exc:
+        except PersonaError:
             if path.stem == persona_id:
                 raise
             continue

@@ -14,14 +14,27 @@ from server_helpers import engine_config, running_daemon, write_persona
 
 
 def test_every_registered_command_has_the_module_interface():
-    for name, module_name in cli.COMMANDS.items():
-        module = importlib.import_module(module_name)
-        assert isinstance(module.HELP, str) and callable(module.add_arguments) and callable(module.run), name
-    assert {"serve", "say", "personas"} <= set(cli.COMMANDS)
+    for name, spec in cli.COMMANDS.items():
+        module = importlib.import_module(spec.module)
+        assert spec.help and callable(module.add_arguments) and callable(module.run), name
+    assert {"serve", "say", "personas", "train", "eval", "demo", "loadtest"} <= set(cli.COMMANDS)
+
+
+def test_a_command_imports_only_its_own_module(monkeypatch, tmp_path, capsys):
+    broken = tmp_path / "npcd_broken_command.py"
+    broken.write_text("raise ImportError('this command is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "broken", cli.Command("npcd_broken_command", "a command that fails to import"))
+    assert cli.main(["personas", "check", str(tmp_path)]) == 0  # unaffected by the broken one
+    with pytest.raises(ImportError, match="this command is broken"):
+        cli.main(["broken"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "a command that fails to import" in capsys.readouterr().out
 
 
 def test_help_needs_no_model_or_torch():
-    code = "import sys; from npcd import cli; cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys; from npcd import cli; [cli.build_parser(c) for c in cli.COMMANDS]; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 

@@ -11,6 +11,7 @@ import torch
 
 from npcd.backend import (AdapterError, Finished, FinishReason, GenerationRequest, InvalidRequest, QueueFull,
                           SamplingParams, Started, TextDelta, UnknownAdapter)
+from npcd.config import PREFILL_POLICIES
 from npcd.engine import AsyncEngine, Engine
 
 PROMPTS = ["Hello there, traveler.", "Who goes there? Halt!", "Buy my wares, cheap!",
@@ -97,7 +98,26 @@ def test_greedy_mixed_batch_equals_each_request_alone(engine):
         assert got.text == alone.text and got.completion_tokens == alone.completion_tokens, req.adapter
 
 
-def test_continuous_batching_join_and_leave_mid_generation(engine):
+def test_prefill_packs_prompts_so_padding_costs_no_projection_work(engine, monkeypatch):
+    prompts = [ids(engine, p) for p in PROMPTS]
+    rows_seen: list[int] = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, *args):
+        rows_seen.append(x.shape[0])
+        return linear(x, weight, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    for i, (p, name) in enumerate(zip(prompts, NAMES)):
+        engine.submit(greedy(f"r{i}", p, name, n=1), lambda event: None)
+    engine.step()  # one prefill step admits all five
+    assert len({len(p) for p in prompts}) > 1
+    assert rows_seen[0] == sum(len(p) for p in prompts) < len(prompts) * max(len(p) for p in prompts)
+
+
+@pytest.mark.parametrize("policy", PREFILL_POLICIES)
+def test_continuous_batching_join_and_leave_mid_generation(engine, policy):
+    engine.config = engine.config.replace(prefill_policy=policy)
     events, sink = collect(engine)
     early = [greedy(f"early{i}", ids(engine, PROMPTS[i]), NAMES[i], n=6 + 4 * i) for i in range(3)]
     late = [greedy(f"late{i}", ids(engine, PROMPTS[4 - i]), NAMES[4 - i], n=10) for i in range(3)]
@@ -108,6 +128,13 @@ def test_continuous_batching_join_and_leave_mid_generation(engine):
     assert len(engine.running) == 3
     for r in late:  # join a batch that is mid-decode; early0 leaves before late ones finish
         engine.submit(r, sink)
+    running = [engine.by_id[r.request_id] for r in early]
+    decoded_before = [len(seq.generated) for seq in running]
+    engine.step()
+    # mixed: the step that prefills the newcomers also decodes every running row
+    assert engine.last_batch_size == (6 if policy == "mixed" else 3)
+    moved = [len(seq.generated) - n for seq, n in zip(running, decoded_before)]
+    assert moved == ([1, 1, 1] if policy == "mixed" else [0, 0, 0])
     run_until_done(engine)
     assert not engine.running
     for r in early + late:

@@ -31,6 +31,18 @@ def test_naive_bayes_needs_two_classes():
         NaiveBayes([("a", "x"), ("a", "y")])
 
 
+def test_naive_bayes_does_not_favour_the_persona_with_more_lines():
+    # the guard's designer wrote ten times the lines, full of everyday words; the elf's few
+    # lines own "human", so a line with "human" and everyday words is still hers
+    guard = [("guard", "Move along, citizen.")] * 4 + \
+        [("guard", f"The weather is fine today, number {i}.") for i in range(36)]
+    elf = [("elf", "The trees remember, human."), ("elf", "Ash and roots, human."),
+           ("elf", "Leave the grove, human."), ("elf", "Your king burned it, human.")]
+    nb = NaiveBayes(guard + elf)
+    assert nb.predict("The weather is fine today, human.") == "elf"
+    assert nb.predict("Move along.") == "guard"
+
+
 def test_split_beats_keeps_sentences_and_their_closing_quotes():
     story = 'Maren heard a voice.  She told no one!\nOne winter "it stopped." Then what'
     assert split_beats(story) == ["Maren heard a voice.", "She told no one!", 'One winter "it stopped."', "Then what"]

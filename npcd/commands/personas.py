@@ -8,8 +8,6 @@ from pathlib import Path
 
 from npcd import daemon_config
 
-HELP = "list a running daemon's personas, or check a personas directory"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="daemon address (default: listen from npcd.yaml / NPCD_LISTEN)")

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from npcd import daemon_config
 
-HELP = "ask a persona for one line and stream the answer (needs `npcd serve`, or --local)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("persona", help="persona id")

@@ -7,8 +7,6 @@ import asyncio
 
 from npcd import daemon_config, logs
 
-HELP = "run the daemon (gRPC API, persona hot-reload, metrics)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     daemon_config.add_arguments(parser)

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from npcd.loadtest.report import RunResult
     from npcd.loadtest.traffic import Progress, RequestRecord
 
-HELP = "play game dialogue traffic against a daemon and report latency, throughput and batch sizes"
 LIVE_REFRESH_S = 0.5
 
 # flag -> Scenario field, for the flags that map one to one
