@@ -166,7 +166,8 @@ def markdown(reports: list[PersonaReport], command: str, seconds: float) -> str:
         "scored by the engine in mixed-adapter batches.",
         "* **attribution**: the engine generates a reply to every held-out line, with each persona's adapter and "
         "sampling defaults, all personas in one mixed batch; a multinomial naive Bayes classifier over words and "
-        "word pairs, fitted on all personas' training replies, names the speaker. The share named correctly.",
+        "word pairs, fitted on the personas' training replies (the same number from each, uniform prior), names "
+        "the speaker. The share named correctly.",
         "",
         "Targets: NLL reduction of at least 20% for every persona; attribution of at least 80%.",
         "",
