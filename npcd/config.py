@@ -10,10 +10,10 @@ import yaml
 
 from npcd.quant import QUANTIZE_MODES
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch",)  # "tensorrt-llm" slots in behind npcd.backend.Backend
 # alternate: a prefill step, then a decode step; eager: prefill whenever requests wait;
 # mixed: running rows decode in the same forward that prefills the newcomers.
-PREFILL_POLICIES = ("alternate", "eager", "mixed")  # "tensorrt-llm" slots in behind npcd.backend.Backend
+PREFILL_POLICIES = ("alternate", "eager", "mixed")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from npcd.personas import Persona, load_dir
@@ -61,14 +61,12 @@ def _stream(engine, requests: list, lines: dict[str, Line], refresh) -> int:
 
 
 def _request(builder, persona: Persona, request_id: str, line: str, seed: int, max_tokens: int | None):
-    import dataclasses
-
     from npcd.backend import GenerationRequest
 
     prompt = builder.build(persona, speaker="Writer", line=line)
     sampling = persona.sampling_params(seed)
     if max_tokens is not None:
-        sampling = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, max_tokens))
+        sampling = replace(sampling, max_tokens=min(sampling.max_tokens, max_tokens))
     return GenerationRequest(request_id=request_id, prompt_ids=prompt.ids, sampling=sampling,
                              adapter=persona.id if persona.adapter_path else None, prefix_len=prompt.prefix_len)
 

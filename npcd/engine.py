@@ -28,6 +28,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from npcd import quant
 from npcd.adapters import AdapterRegistry, AdapterVersion, read_peft_adapter
 from npcd.backend import (AdapterInfo, BackendError, EngineStats, Event, Finished, FinishReason,
                           GenerationRequest, InvalidRequest, QueueFull, Started, TextDelta, UnknownAdapter)
@@ -36,7 +37,6 @@ from npcd.detokenizer import IncrementalDetokenizer
 from npcd.kv_cache import KVCache, PrefixCache
 from npcd.lora import GatherCache, LoraBatch, LoraStacks
 from npcd.model import LlamaModel, RowBlock, StepInputs
-from npcd import quant
 from npcd.model_store import resolve_base
 from npcd.sampler import SamplerState, sample
 from npcd.scheduler import Scheduler
@@ -53,7 +53,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
-    """Where the engine runs, its activation dtype, and whether base weights are int8."""
+    """Where the engine runs, its activation dtype, and the quantize mode it resolves to."""
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -77,6 +77,11 @@ def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype, 
     else:
         dtype = getattr(torch, config.dtype)
     return device, dtype, quantize
+
+
+def _slot(adapter: AdapterVersion | None) -> int:
+    """The LoRA stack slot a row reads, or -1 for the base model alone."""
+    return adapter.slot if adapter else -1
 
 
 @dataclass(eq=False)
@@ -107,14 +112,20 @@ class Sequence:
         return len(self.request.prompt_ids) + len(self.generated)
 
     @property
+    def cacheable_prefix(self) -> int:
+        """Prompt tokens the prefix cache may hold (the persona's system turn); 0 when none applies."""
+        p = self.request.prefix_len
+        return p if 0 < p < len(self.prompt) else 0
+
+    @property
     def prefill_tokens(self) -> int:
         """Tokens its prefill will compute, for the step budget: the persona prefix is counted as cached
         (after a persona's first line it is)."""
-        return len(self.request.prompt_ids) - max(0, min(self.request.prefix_len, len(self.request.prompt_ids) - 1))
+        return len(self.prompt) - self.cacheable_prefix
 
     def prefix_key(self) -> tuple | None:
-        p = self.request.prefix_len
-        if p <= 0 or p >= len(self.prompt):
+        p = self.cacheable_prefix
+        if not p:
             return None
         version = (self.adapter.name, self.adapter.version) if self.adapter else None
         return (version, tuple(self.prompt[:p]))
@@ -353,7 +364,7 @@ class Engine:
             blocks.append(RowBlock(slot_start=0, positions=torch.tensor(pos, device=self.device).view(-1, 1),
                                    kv_len=max(pos) + 1))
             tokens += [s.generated[-1] for s in decoding]
-            row_slots += [s.adapter.slot if s.adapter else -1 for s in decoding]
+            row_slots += [_slot(s.adapter) for s in decoding]
             last_index += range(len(decoding))
         misses: list[tuple[Sequence, tuple]] = []
         if newcomers:
@@ -374,7 +385,7 @@ class Engine:
             blocks.append(self._prefill_block(news, [seq.cached for seq in newcomers], start))
             for seq, new in zip(newcomers, news):
                 tokens += new
-                row_slots += [seq.adapter.slot if seq.adapter else -1] * len(new)
+                row_slots += [_slot(seq.adapter)] * len(new)
                 last_index.append(len(tokens) - 1)
             self.prompt_tokens += sum(len(t) for t in news)
         step = StepInputs(tokens=torch.tensor(tokens, device=self.device), blocks=blocks,
@@ -504,7 +515,7 @@ class Engine:
                 self.registry.release(version)
 
     def _score(self, prompts: list[list[int]], versions: list[AdapterVersion | None]) -> list[torch.Tensor]:
-        row_slots = [v.slot if v else -1 for v, p in zip(versions, prompts) for _ in p]
+        row_slots = [_slot(v) for v, p in zip(versions, prompts) for _ in p]
         lengths = torch.tensor([len(p) for p in prompts])
         step = StepInputs(tokens=torch.tensor([t for p in prompts for t in p], device=self.device),
                           blocks=[self._prefill_block(prompts, [0] * len(prompts), 0)],
