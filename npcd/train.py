@@ -4,10 +4,11 @@ This is the one place where transformers and PEFT models run: they make the
 training loop short and write adapters in the PEFT format the engine reads.
 Everything is sized for a laptop CPU: a 135M base in fp32 (the fast dtype on
 CPUs without bf16 units), low-rank adapters, sequences of ~100 tokens, a few
-dozen steps. Only the top `top_layers` decoder layers get LoRA weights: the
-layers below see no trainable weight, so their output for an example never
-changes and is computed once, before the first step. Each step then runs (and
-back-propagates through) only the top of the model, about twice as fast. The
+dozen steps. With `top_layers` set, only the top decoder layers get LoRA
+weights: the layers below see no trainable weight, so their output for an
+example never changes and is computed once, before the first step. Each step
+then runs (and back-propagates through) only the top of the model, about twice
+as fast; the default adapts every layer, which generalises better. The
 prompt is built by the same PromptBuilder the daemon uses, so
 the adapter is trained on exactly the format it will see, and the loss covers
 only the reply tokens: the adapter learns how the character answers, not how
@@ -48,14 +49,17 @@ IGNORE = -100  # label value the loss skips
 @dataclass(frozen=True)
 class TrainConfig:
     base: str = DEFAULT_BASE
-    steps: int = 60
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lr: float = 2e-3
+    steps: int = 50
+    rank: int = 16
+    alpha: float = 32.0
+    targets: tuple[str, ...] = MODULES
+    lr: float = 1e-3
     batch_size: int = 8
     warmup_steps: int = 5
-    top_layers: int = 16  # adapt only the top N decoder layers (0 = all)
+    # Adapt only the top N decoder layers (0 = all). Training the top half only is
+    # about twice as fast, but on the bundled personas adapting every layer lowers
+    # held-out NLL by 2-3 points more (e.g. forest_elf 16.0% -> 19.0%).
+    top_layers: int = 0
     seed: int = 0
     save_dtype: str = "bfloat16"  # adapters are committed to the repo: half the size of fp32
     val_fraction: float = 0.1  # share of the training examples kept for early stopping (0 = none)
