@@ -36,20 +36,21 @@ def features(text: str) -> list[str]:
 class NaiveBayes:
     """Multinomial naive Bayes with add-one smoothing over `features`, fit on balanced classes.
 
-    Every persona contributes the same number of lines (its first ones) and the
-    prior is uniform: a persona whose designer wrote twice the examples would
-    otherwise know more words and win lines on vocabulary alone.
+    Every persona contributes the same amount of text (the features of its first
+    lines, up to the smallest persona's total) and the prior is uniform. Balancing
+    lines is not enough: a storyteller's five-sentence tales hold five times the
+    words of a guard's bark, so the storyteller has seen far more everyday words
+    and wins any line made mostly of them.
     """
 
     def __init__(self, labelled: Iterable[tuple[str, str]]):
-        texts: dict[str, list[str]] = {}
+        feats: dict[str, list[str]] = {}
         for label, text in labelled:
-            texts.setdefault(label, []).append(text)
-        if len(texts) < 2:
+            feats.setdefault(label, []).extend(features(text))
+        if len(feats) < 2:
             raise ValueError("attribution needs at least two personas with examples")
-        per_class = min(len(t) for t in texts.values())
-        self.counts = {label: Counter(f for text in t[:per_class] for f in features(text))
-                       for label, t in texts.items()}
+        budget = min(len(f) for f in feats.values())
+        self.counts = {label: Counter(f[:budget]) for label, f in feats.items()}
         self.vocab = set().union(*self.counts.values())
         self.totals = {label: sum(c.values()) for label, c in self.counts.items()}
 
@@ -166,8 +167,8 @@ def markdown(reports: list[PersonaReport], command: str, seconds: float) -> str:
         "scored by the engine in mixed-adapter batches.",
         "* **attribution**: the engine generates a reply to every held-out line, with each persona's adapter and "
         "sampling defaults, all personas in one mixed batch; a multinomial naive Bayes classifier over words and "
-        "word pairs, fitted on the personas' training replies (the same number from each, uniform prior), names "
-        "the speaker. The share named correctly.",
+        "word pairs, fitted on the personas' training replies (the same amount of text from each, uniform "
+        "prior), names the speaker. The share named correctly.",
         "",
         "Targets: NLL reduction of at least 20% for every persona; attribution of at least 80%.",
         "",

@@ -43,6 +43,29 @@ def test_naive_bayes_does_not_favour_the_persona_with_more_lines():
     assert nb.predict("Move along.") == "guard"
 
 
+TALES = ["Old Maren kept a lighthouse and heard a song from the sea every night, and she told no one.",
+         "A thief named Pell stole a star, and it burned his pockets and his greed until he gave it away.",
+         "The baker gave bread to a dragon, who paid her in warm stones all winter and came back in spring.",
+         "Lina found a small door in an oak tree and climbed the stairs to a room with all her lost toys.",
+         "Tomas came home after twenty years and an old dog leaned against his leg in the square.",
+         "A map moved a river while the girl slept, and the land walked slowly toward the king.",
+         "The poet wrote one word a year, and when he died the words made a song about the town.",
+         "A wolf cub was raised by a ewe and grew up gentle, and the sheep were safe from the wolves."]
+
+
+def test_naive_bayes_does_not_favour_the_persona_with_longer_lines():
+    # as many lines each, but a tale holds five times the words of a bark: fit on lines, the
+    # teller has seen every everyday word and takes a guard's line made of them
+    teller = [("teller", t) for t in TALES]
+    guard = [("guard", t) for t in ("Move along, citizen.", "Halt.", "Papers, citizen.", "Curfew at the bell.",
+                                    "No loitering.", "Gate's shut, citizen.", "Keep walking.", "Back inside.")]
+    painter = [("painter", ", ".join(f"tag{i}x{k}" for k in range(60))) for i in range(8)]  # a wide vocabulary
+    nb = NaiveBayes(teller + guard + painter)
+    assert nb.predict("And then the man was in the town, citizen.") == "guard"
+    assert nb.predict("He was at the gate, citizen, and she was in the square.") == "guard"
+    assert nb.predict("Old Maren heard a song from the sea.") == "teller"
+
+
 def test_split_beats_keeps_sentences_and_their_closing_quotes():
     story = 'Maren heard a voice.  She told no one!\nOne winter "it stopped." Then what'
     assert split_beats(story) == ["Maren heard a voice.", "She told no one!", 'One winter "it stopped."', "Then what"]
