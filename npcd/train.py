@@ -128,6 +128,8 @@ def encode(persona: Persona, tokenizer) -> list[tuple[list[int], list[int]]]:
 
 def _run_layers(lm, hidden: "torch.Tensor", attention_mask: "torch.Tensor", layers) -> "torch.Tensor":
     """Runs `hidden` through some decoder layers exactly as the transformers model does."""
+    if not layers:  # training every layer: the frozen prefix is the embeddings alone
+        return hidden
     import torch
     from transformers.masking_utils import create_causal_mask
 
