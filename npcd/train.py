@@ -94,6 +94,10 @@ class TrainResult:
     val_losses: dict[int, float] = dataclasses.field(default_factory=dict)  # step (1-based) -> loss
     best_step: int | None = None  # the step whose weights were saved; None without validation
 
+    def still_improving(self) -> bool:
+        """Whether validation loss was lowest at the last step: the run stopped before it stopped learning."""
+        return self.best_step is not None and self.best_step == len(self.losses)
+
 
 def find_persona(directory: Path, persona_id: str) -> Persona:
     """The persona with this id; its adapter directory need not exist yet."""
@@ -416,6 +420,9 @@ def run(args: argparse.Namespace) -> int:
     if result.best_step is not None:
         print(f"kept step {result.best_step}: validation loss {result.val_losses[result.best_step]:.3f} "
               f"(first {next(iter(result.val_losses.values())):.3f})")
+        if result.still_improving():
+            print(f"validation loss was still falling at the last step: a longer run "
+                  f"(e.g. --steps {len(result.losses) * 3 // 2}) may give a better adapter")
     print(f"adapter: {out_dir}\nloss curve: {plot}")
     if persona.adapter_path is None and args.out is None:
         rel = out_dir.relative_to(persona.source.parent)

@@ -175,6 +175,16 @@ def test_early_stopping_keeps_the_step_with_the_lowest_validation_loss(tiny_mode
     assert plain.best_step is None and plain.val_losses == {}
 
 
+def test_a_run_whose_last_step_was_best_is_flagged_as_still_improving(tmp_path):
+    def result(best_step):
+        return train.TrainResult(tmp_path, losses=[3.0, 2.5, 2.0, 1.8], plot=None, seconds=1.0,
+                                 val_losses={2: 3.1, 4: 3.0}, best_step=best_step)
+
+    assert result(4).still_improving()
+    assert not result(2).still_improving()
+    assert not result(None).still_improving()  # no validation split: nothing to judge by
+
+
 def test_bad_validation_settings_are_named():
     with pytest.raises(ValueError, match="--val-fraction"):
         train.TrainConfig(val_fraction=0.6).validate()
