@@ -218,13 +218,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config(path: Path | None, *, batch: int, adapters: int, threads: int):
     """The engine for offline runs: fp32 on CPU unless a definition says otherwise.
 
-    Offline jobs submit everything at once, so there is a slot for every request
-    and room for every adapter.
+    Offline jobs submit everything at once, so there is a slot (or, past 1024, a
+    queue place) for every request and room for every adapter.
     """
     from npcd.config import EngineConfig
 
     config = EngineConfig.from_yaml(path) if path else EngineConfig(dtype="float32")
     return config.replace(max_batch_size=max(config.max_batch_size, min(batch, 1024)),
+                          max_queue=max(config.max_queue, batch),
                           max_resident_adapters=max(config.max_resident_adapters, adapters),
                           max_seq_len=min(config.max_seq_len, 384), threads=threads or config.threads)
 
