@@ -11,7 +11,7 @@ from npcd import cli
 
 def test_demo_story_streams_beats_through_both_adapters_in_one_batch(real_model_dir, capsys):
     code = cli.main(["demo", "story", "a lighthouse keeper hears singing from the sea",
-                     "--beats", "2", "--max-tokens", "48", "--threads", "2"])
+                     "--beats", "2", "--max-tokens", "96", "--threads", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Wren (storyteller): a lighthouse keeper hears singing from the sea" in out
