@@ -131,3 +131,10 @@ def test_evaluate_reports_every_adapted_persona(engine, tiny_model_dir, tmp_path
     text = table(reports)
     assert text.count("\n") == 4 and "| elf | r4 q/v | 3 |" in text
     assert "Question 6?" in markdown(reports, "npcd eval", 1.0)
+
+
+def test_the_offline_engine_takes_every_held_out_line_at_once():
+    from npcd.evaluate import engine_config
+
+    config = engine_config(None, batch=2000, adapters=3, threads=0)
+    assert config.max_batch_size == 1024 and config.max_queue >= 2000  # the rest wait, none is refused
