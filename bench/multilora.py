@@ -39,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from npcd.backend import GenerationRequest, SamplingParams  # noqa: E402
-from npcd.config import EngineConfig  # noqa: E402
-from npcd.engine import Engine, pick_device_dtype  # noqa: E402
-from npcd.model_store import embedded_gguf_path, resolve_base  # noqa: E402
-from npcd.testing import write_lora  # noqa: E402
+from npcd.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from npcd.engine.config import EngineConfig  # noqa: E402
+from npcd.engine.engine import Engine, pick_device_dtype  # noqa: E402
+from npcd.engine.testing import write_lora  # noqa: E402
+from npcd.engine.weights import embedded_gguf_path, resolve_base  # noqa: E402
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -95,7 +95,7 @@ def bench_npcd(engine: Engine, prompts, adapters: list[str | None], w: Workload,
         engine.submit(r, sinks_done.append)
     start = time.perf_counter()
     while engine.has_work():
-        prefill = bool(len(engine.scheduler)) or not engine.running
+        prefill = bool(len(engine.scheduler.waiting)) or not engine.running
         t0 = time.perf_counter()
         engine.step()
         if not prefill:

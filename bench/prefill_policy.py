@@ -21,9 +21,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from npcd.backend import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
-from npcd.config import PREFILL_POLICIES, EngineConfig  # noqa: E402
-from npcd.engine import Engine  # noqa: E402
+from npcd.engine.api import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
+from npcd.engine.config import PREFILL_POLICIES, EngineConfig  # noqa: E402
+from npcd.engine.engine import Engine  # noqa: E402
 
 
 def run(policy: str, args: argparse.Namespace) -> dict[str, float]:

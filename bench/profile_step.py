@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from npcd.backend import GenerationRequest, SamplingParams  # noqa: E402
-from npcd.config import EngineConfig  # noqa: E402
-from npcd.engine import Engine  # noqa: E402
-from npcd.model_store import resolve_base  # noqa: E402
-from npcd.testing import write_lora  # noqa: E402
+from npcd.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from npcd.engine.config import EngineConfig  # noqa: E402
+from npcd.engine.engine import Engine  # noqa: E402
+from npcd.engine.testing import write_lora  # noqa: E402
+from npcd.engine.weights import resolve_base  # noqa: E402
 
 BUCKETS = {
     "base GEMMs (mm)": ("aten::mm", "aten::addmm"),

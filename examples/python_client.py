@@ -6,8 +6,8 @@ import sys
 
 import grpc
 
-from npcd._proto import npcd_pb2 as pb
-from npcd._proto import npcd_pb2_grpc
+from npcd.service._proto import npcd_pb2 as pb
+from npcd.service._proto import npcd_pb2_grpc
 
 persona = sys.argv[1] if len(sys.argv) > 1 else "town_guard"
 address = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1:50051"

@@ -1,12 +1,12 @@
-"""Generate the Python gRPC stubs in npcd/_proto from proto/npcd/v1/npcd.proto.
+"""Generate the Python gRPC stubs in npcd/service/_proto from proto/npcd/v1/npcd.proto.
 
 The stubs are committed so that `pip install` needs no build step; run this
-after editing the proto (`make proto`). tests/test_proto.py fails when the
+after editing the proto (`make proto`). tests/service/test_proto.py fails when the
 committed stubs no longer match the proto.
 
 protoc names the generated modules after the proto's path (npcd/v1/...), which
 would clash with our own `npcd` package, so we generate into a temporary tree
-and rewrite the one cross-module import to point at `npcd._proto`.
+and rewrite the one cross-module import to point at `npcd.service._proto`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PROTO_FILE = "npcd/v1/npcd.proto"
-OUT_DIR = ROOT / "npcd" / "_proto"
+OUT_DIR = ROOT / "npcd" / "service" / "_proto"
 GENERATED = ("npcd_pb2.py", "npcd_pb2.pyi", "npcd_pb2_grpc.py")
 
 
@@ -44,7 +44,7 @@ def generate(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in GENERATED:
             text = (src / name).read_text()
-            text = text.replace("from npcd.v1 import npcd_pb2", "from npcd._proto import npcd_pb2")
+            text = text.replace("from npcd.v1 import npcd_pb2", "from npcd.service._proto import npcd_pb2")
             (out_dir / name).write_text(text)
     init = out_dir / "__init__.py"
     if not init.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from npcd.config import EngineConfig  # noqa: E402
-from npcd.model_store import resolve_base  # noqa: E402
-from npcd.testing import write_lora, write_tiny_llama  # noqa: E402
+from npcd.engine.config import EngineConfig  # noqa: E402
+from npcd.engine.testing import write_lora, write_tiny_llama  # noqa: E402
+from npcd.engine.weights import resolve_base  # noqa: E402
 
 # name -> (rank, target modules, rsLoRA): different ranks and target sets on purpose
 ADAPTER_SPECS = {
@@ -41,5 +42,14 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir) -> EngineConfig:
-    return EngineConfig(base=str(tiny_model_dir), dtype="float32", device="cpu", max_batch_size=8,
+    return EngineConfig(base=str(tiny_model_dir), dtype="float32", quantize="none", device="cpu", max_batch_size=8,
                         max_seq_len=256, max_resident_adapters=4, max_lora_rank=64, max_queue=64, threads=2)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`slow`: a test that takes the real model as an argument (modules that start subprocesses mark
+    themselves), so `pytest -m "not slow"` is the quick loop on the tiny random model."""
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and "real_model_dir" in inspect.signature(function).parameters:
+            item.add_marker(pytest.mark.slow)

@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 
 import grpc
 
-from npcd._proto import npcd_pb2 as pb
-from npcd._proto import npcd_pb2_grpc
-from npcd.config import EngineConfig
-from npcd.daemon import Daemon, DaemonThread
-from npcd.daemon_config import DaemonConfig
+from npcd.engine.config import EngineConfig
+from npcd.service._proto import npcd_pb2 as pb
+from npcd.service._proto import npcd_pb2_grpc
+from npcd.service.config import DaemonConfig
+from npcd.service.daemon import Daemon, DaemonThread
 
 RPC_TIMEOUT_S = 60
 
@@ -42,7 +42,7 @@ def write_persona(directory: Path, persona_id: str, *, adapter: Path | None = No
 
 
 def engine_config(model_dir: Path, **changes) -> EngineConfig:
-    base = EngineConfig(base=str(model_dir), dtype="float32", device="cpu", max_batch_size=32, max_seq_len=1024,
+    base = EngineConfig(base=str(model_dir), dtype="float32", quantize="none", device="cpu", max_batch_size=32, max_seq_len=1024,
                         max_resident_adapters=4, max_queue=128, threads=2)
     return dataclasses.replace(base, **changes)
 

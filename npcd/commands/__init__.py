@@ -1,1 +1,0 @@
-"""The `npcd` subcommands, one module each (registered in npcd.cli.COMMANDS)."""

@@ -1,0 +1,399 @@
+"""The engine: one base model, many LoRA adapters, continuous mixed-adapter batching.
+
+`Engine` is single-threaded and synchronous. `step()` is three calls: the
+scheduler decides what the step holds (admission, KV slots, prefix-cache hits,
+per `prefill_policy`), the runner builds the step's tensors and runs the
+model, the postprocessor samples, detokenizes and says who finished.
+Everything that changes engine state from outside (submit, cancel, adapter
+loads) goes through an inbox drained at step boundaries, so a forward pass
+never sees its weights or batch change under it.
+
+`npcd.engine.async_engine.AsyncEngine` runs an Engine on its own thread behind
+the `npcd.engine.api.Backend` interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from npcd.engine import quant
+from npcd.engine.adapters import AdapterRegistry, AdapterVersion, read_peft_adapter
+from npcd.engine.api import (
+    SAMPLING_BOUNDS,
+    STOP_CHARS,
+    AdapterInfo,
+    BackendError,
+    EngineStats,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    QueueFull,
+    Started,
+    UnknownAdapter,
+)
+from npcd.engine.config import EngineConfig
+from npcd.engine.detokenizer import IncrementalDetokenizer
+from npcd.engine.kv_cache import KVCache, PrefixCache
+from npcd.engine.lora import LoraStacks
+from npcd.engine.model import LlamaModel
+from npcd.engine.postprocess import Postprocessor
+from npcd.engine.runner import ModelRunner
+from npcd.engine.sampler import SamplerState
+from npcd.engine.scheduler import Scheduler
+from npcd.engine.sequence import Sequence, Sink
+from npcd.engine.weights import resolve_base
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = _cpuinfo()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model_name() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return "unknown"
+
+
+def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
+    """Where the engine runs, its activation dtype, and the quantize mode it resolves to."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {config.device!r} was asked for, but CUDA is not available")
+    quantize = config.quantize
+    if quantize == "auto":
+        quantize = "lm_head_int8" if device.type == "cpu" and config.dtype in ("auto", "float32") \
+            and not cpu_has_native_bf16() and quant.supported() else "none"
+    if quantize == "lm_head_int8":
+        if device.type != "cpu":
+            raise RuntimeError(f"quantize: lm_head_int8 runs on the CPU only, but the engine would run on {device}")
+        if not quant.supported():
+            raise RuntimeError("quantize: lm_head_int8 needs torch's x86/fbgemm quantized engine, "
+                               "which this torch build lacks")
+        dtype = torch.float32
+    elif config.dtype == "auto":
+        native = device.type == "cuda" or cpu_has_native_bf16()
+        dtype = torch.bfloat16 if native else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    return device, dtype, quantize
+
+
+class Engine:
+    """Loads the base once; serves requests with per-row adapters in shared batches."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device, self.dtype, self.quantize = pick_device_dtype(config)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_base(config.base)
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_seq_len = config.max_seq_len
+        self.model = LlamaModel.load(model_dir, self.dtype, self.device, config.max_seq_len,
+                                     self.quantize)
+        spec = self.model.spec
+        self.spec = spec
+        slots = KVCache.slots_for_budget(spec, config.max_seq_len, self.dtype, config.kv_cache_mb,
+                                         config.max_batch_size)
+        self.kv = KVCache(spec, slots, config.max_seq_len, self.dtype, self.device)
+        self.stacks = LoraStacks(spec.module_shapes(), spec.num_layers, config.max_resident_adapters,
+                                 self.dtype, self.device)
+        self.registry = AdapterRegistry(self.stacks)
+        self.prefix_cache = PrefixCache(config.prefix_cache_entries)
+        eos = set(spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.scheduler = Scheduler(config, self.kv, self.prefix_cache, self._can_run)
+        self.runner = ModelRunner(self.model, self.kv, self.stacks, self.prefix_cache, self.device)
+        self.postprocessor = Postprocessor(self.eos_ids, config.max_seq_len)
+
+        self.by_id: dict[str, Sequence] = {}
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()             # guards _pending and registry.current reads
+        self._pending = 0                         # submitted, not yet drained from the inbox
+        self._versions = itertools.count(1)
+        self.steps = 0
+        self.last_batch_size = 0
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The running batch; index == KV slot."""
+        return self.scheduler.running
+
+    # -- requests ------------------------------------------------------------
+
+    def validate(self, req: GenerationRequest) -> None:
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise InvalidRequest(f"request {req.request_id!r}: prompt is empty")
+        if n >= self.max_seq_len:
+            raise InvalidRequest(f"request {req.request_id!r}: prompt has {n} tokens; max_seq_len is "
+                                 f"{self.max_seq_len} and at least one token must be generated")
+        if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.spec.vocab_size:
+            raise InvalidRequest(f"request {req.request_id!r}: prompt token ids must be in [0, {self.spec.vocab_size})")
+        if not 0 <= req.prefix_len <= n:
+            raise InvalidRequest(f"request {req.request_id!r}: prefix_len {req.prefix_len} is outside [0, {n}]")
+        # the bounds personas and wire requests are held to (npcd.engine.api), so every caller gets the same answer
+        s = req.sampling
+        for name, bound in SAMPLING_BOUNDS.items():
+            problem = bound.check(getattr(s, name))
+            if problem:
+                raise InvalidRequest(f"request {req.request_id!r}: {name} {problem}")
+        for i, stop in enumerate(s.stop):
+            problem = STOP_CHARS.check(len(stop))
+            if problem:
+                raise InvalidRequest(f"request {req.request_id!r}: stop[{i}] {problem}")
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> None:
+        """Thread-safe: validates now, queues at the next step boundary."""
+        error = self.submit_many([(req, sink)])[0]
+        if error is not None:
+            raise error
+
+    def submit_many(self, items: list[tuple[GenerationRequest, Sink]]) -> list[BackendError | None]:
+        """Thread-safe: queues a game tick's requests atomically, so they join the same step.
+
+        Returns, per request, the error it was refused with, or None when queued.
+        """
+        errors: list[BackendError | None] = []
+        accepted: list[Sequence] = []
+        for req, sink in items:
+            try:
+                self.validate(req)
+                with self._lock:
+                    version = None
+                    if req.adapter is not None:
+                        version = self.registry.current.get(req.adapter)
+                        if version is None:
+                            raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
+                    if len(self.scheduler.waiting) + self._pending >= self.config.max_queue:
+                        raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); "
+                                        f"try again shortly")
+                    self._pending += 1
+            except BackendError as exc:
+                errors.append(exc)
+                continue
+            errors.append(None)
+            accepted.append(Sequence(request=req, adapter=version, sink=sink,
+                                     sampler=SamplerState(req.sampling, seen=set(req.prompt_ids)),
+                                     detok=IncrementalDetokenizer(self.tokenizer, req.sampling.stop)))
+        if accepted:
+            self._inbox.put(lambda: [self._enqueue(seq) for seq in accepted])
+        return errors
+
+    def _enqueue(self, seq: Sequence) -> None:
+        with self._lock:
+            self._pending -= 1
+        rid = seq.request.request_id
+        if rid in self.by_id:
+            seq.sink(Finished(rid, FinishReason.ERROR, "", len(seq.prompt), 0, 0, 0, 0,
+                              error=f"request id {rid!r} is already in use"))
+            return
+        if seq.adapter is not None:
+            self.registry.acquire(seq.adapter)
+        self.by_id[rid] = seq
+        seq.sink(Started(rid, self.scheduler.push(seq)))
+
+    def cancel(self, request_id: str) -> None:
+        """Thread-safe: the request ends (and frees its slot) at the next step boundary."""
+        self._inbox.put(lambda: self._cancel(request_id))
+
+    def _cancel(self, request_id: str) -> None:
+        seq = self.by_id.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+
+    # -- adapters --------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str) -> AdapterVersion:
+        """Reads and validates on the caller's thread; nothing engine-side changes."""
+        return read_peft_adapter(name, path, self.spec.module_shapes(), self.spec.num_layers,
+                                 self.config.max_lora_rank, self.dtype, next(self._versions))
+
+    def install_adapter(self, adapter: AdapterVersion) -> None:
+        """Engine thread: makes the version current; old prefixes of that name are dropped."""
+        old = self.registry.current.get(adapter.name)
+        with self._lock:
+            self.registry.install(adapter)
+        if old is not None:
+            self.prefix_cache.drop_version((old.name, old.version))
+
+    def remove_adapter(self, name: str) -> None:
+        old = self.registry.current.get(name)
+        if old is None:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded")
+        with self._lock:
+            self.registry.unload(name)
+        self.prefix_cache.drop_version((old.name, old.version))
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Synchronous use (no engine thread): read and install at once."""
+        adapter = self.read_adapter(name, path)
+        self.install_adapter(adapter)
+        return adapter.info
+
+    def unload_adapter(self, name: str) -> None:
+        self.remove_adapter(name)
+
+    def adapters(self) -> dict[str, AdapterInfo]:
+        with self._lock:
+            return {n: dataclasses.replace(v.info, resident=v.slot is not None)
+                    for n, v in self.registry.current.items()}
+
+    # -- the step --------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
+    def call_soon(self, command: Callable[[], None]) -> None:
+        """Thread-safe: runs `command` on the engine's thread at the next step boundary."""
+        self._inbox.put(command)
+
+    def drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One forward pass: schedule, run, postprocess. Returns False when there was nothing to do."""
+        self.drain_inbox()
+        now = time.monotonic()
+        for seq in self.scheduler.expired(now):
+            self._finish(seq, FinishReason.DEADLINE)
+        plan = self.scheduler.schedule(now)
+        if plan is None:
+            return False
+        logits = self.runner.run(plan)
+        for seq, reason in self.postprocessor.process(plan.rows, logits):
+            self._finish(seq, reason)
+        self.last_batch_size = len(plan.rows)
+        self.steps += 1
+        return True
+
+    def _can_run(self, seq: Sequence) -> bool:
+        return seq.adapter is None or self.registry.make_resident(seq.adapter)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self.scheduler.remove(seq)
+        if seq.adapter is not None:
+            self.registry.release(seq.adapter)
+        del self.by_id[seq.request_id]
+        now = time.monotonic()
+        ms = lambda t: (t - seq.arrival) * 1000.0 if t else 0.0  # noqa: E731
+        seq.sink(Finished(
+            request_id=seq.request_id, reason=reason, text=seq.detok.text[:seq.detok.emitted],
+            prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+            queued_ms=ms(seq.scheduled_at or now), first_token_ms=ms(seq.first_token_at),
+            total_ms=ms(now), cached_prompt_tokens=seq.cached, error=error))
+
+    def finish_all(self, reason: FinishReason, error: str | None = None, *, waiting: bool = True) -> None:
+        """Ends every running (and, with `waiting`, every queued) request: shutdown, or a failed step."""
+        for seq in list(self.running) + (self.scheduler.waiting.waiting() if waiting else []):
+            self._finish(seq, reason, error)
+
+    # -- offline use -------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Finished]:
+        """Runs requests to completion in the caller's thread (benchmarks, eval, tests)."""
+        results: dict[str, Finished] = {}
+
+        def sink(event: Event) -> None:
+            if isinstance(event, Finished):
+                results[event.request_id] = event
+
+        for req in requests:
+            self.submit(req, sink)
+        while len(results) < len(requests):
+            if not self.step() and not self.has_work():
+                break
+        return [results[r.request_id] for r in requests]
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], adapters: list[str | None]) -> list[torch.Tensor]:
+        """Next-token logits at every position of each prompt, all in one mixed-adapter batch.
+
+        Uses free KV slots as scratch; call it only while nothing is running.
+        """
+        if self.scheduler.has_work():
+            raise RuntimeError("score() needs an idle engine")
+        if len(prompts) > self.kv.slots:
+            raise ValueError(f"score() takes at most {self.kv.slots} prompts at once")
+        versions = []
+        for name in adapters:
+            version = self.registry.current.get(name) if name else None
+            if name and version is None:
+                raise UnknownAdapter(f"adapter {name!r} is not loaded")
+            versions.append(version)
+        distinct = {id(v): v for v in versions if v is not None}.values()
+        for version in distinct:  # held, so making one resident cannot evict another of this batch
+            self.registry.acquire(version)
+        try:
+            if not all(self.registry.make_resident(v) for v in distinct):
+                raise RuntimeError(f"score() takes at most max_resident_adapters={self.stacks.slots} "
+                                   f"distinct adapters at once")
+            return self._score(prompts, versions)
+        finally:
+            for version in distinct:
+                self.registry.release(version)
+
+    def _score(self, prompts: list[list[int]], versions: list[AdapterVersion | None]) -> list[torch.Tensor]:
+        return self.runner.score(prompts, [v.slot if v is not None else -1 for v in versions])
+
+    def describe(self) -> dict[str, object]:
+        """The resolved fast path, for the startup log and /metrics: what runs, in what dtype, with which kernels."""
+        return {
+            "backend": self.config.backend, "model": str(self.model_dir), "device": str(self.device),
+            "cpu": cpu_model_name() if self.device.type == "cpu" else "",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else "",
+            "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
+            "kernels": self.model.kernels(), "prefill_policy": self.config.prefill_policy,
+            # fp32: greedy and seeded text alone equals batched (tests/engine/test_quant.py); bf16 GEMMs of
+            # different batch sizes round differently, so a line may change with its batch companions
+            "batch_invariant": self.dtype == torch.float32,
+            "threads": torch.get_num_threads() if self.device.type == "cpu" else 0,
+            "max_batch_size": self.kv.slots, "max_seq_len": self.max_seq_len,
+        }
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_depth=len(self.scheduler.waiting) + self._pending, running=len(self.running),
+            max_batch_size=self.kv.slots, adapters_resident=self.registry.resident,
+            adapters_known=len(self.registry.current), tokens_generated=self.postprocessor.tokens_generated,
+            prompt_tokens=self.runner.prompt_tokens, prefix_cache_hits=self.prefix_cache.hits,
+            prefix_cache_misses=self.prefix_cache.misses, steps=self.steps, last_batch_size=self.last_batch_size)
+
+

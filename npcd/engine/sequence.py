@@ -1,0 +1,70 @@
+"""One request inside the engine: its prompt, what it has generated, and where it is in its life."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from npcd.engine.adapters import AdapterVersion
+from npcd.engine.api import Event, GenerationRequest
+from npcd.engine.detokenizer import IncrementalDetokenizer
+from npcd.engine.sampler import SamplerState
+
+Sink = Callable[[Event], None]  # called on the engine thread with each of the request's events
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerationRequest
+    adapter: AdapterVersion | None
+    sink: Sink
+    sampler: SamplerState
+    detok: IncrementalDetokenizer
+    arrival: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0               # prompt tokens whose KV came from the prefix cache
+    kv_len: int = 0               # tokens whose KV is in the sequence's slot
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
+
+    @property
+    def lora_slot(self) -> int:
+        """The LoRA stack slot this row reads, or -1 for the base model alone."""
+        return self.adapter.slot if self.adapter else -1
+
+    @property
+    def cacheable_prefix(self) -> int:
+        """Prompt tokens the prefix cache may hold (the persona's system turn); 0 when none applies."""
+        p = self.request.prefix_len
+        return p if 0 < p < len(self.prompt) else 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens its prefill will compute, for the step budget: the persona prefix is counted as cached
+        (after a persona's first line it is)."""
+        return len(self.prompt) - self.cacheable_prefix
+
+    def prefix_key(self) -> tuple | None:
+        p = self.cacheable_prefix
+        if not p:
+            return None
+        version = (self.adapter.name, self.adapter.version) if self.adapter else None
+        return (version, tuple(self.prompt[:p]))

@@ -1,0 +1,370 @@
+"""The gRPC service: translates wire messages to engine requests and engine events back.
+
+Nothing here generates text or decides scheduling; the servicer validates a
+request (every field against the daemon's limits), picks the persona version,
+renders the prompt, hands the request to the engine, and forwards events.
+
+Two choices worth knowing:
+
+* Requests arriving within `tick_window_s` of each other are submitted to the
+  engine in one go (player-facing first), so a game tick's NPC lines join the
+  same batch instead of trickling in one engine step apart.
+* `deadline_ms` ends a request with Finished{reason: DEADLINE} carrying the text
+  produced so far, and the RPC still ends with status OK: the game gets whatever
+  the NPC managed to say, and a status code is kept for failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from npcd.engine.api import (
+    Backend,
+    BackendError,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Started,
+    TextDelta,
+    UnknownAdapter,
+)
+from npcd.personas.prompt import PromptBuilder, PromptError
+from npcd.service import logs
+from npcd.service._proto import npcd_pb2 as pb
+from npcd.service._proto import npcd_pb2_grpc
+from npcd.service.admitter import Admitter
+from npcd.service.config import Limits
+from npcd.service.conversion import BACKEND_CODES, FINISH_REASONS, STATUSES, struct
+from npcd.service.metrics import Metrics
+from npcd.service.registry import PersonaRegistry, PersonaState, PersonaUnavailable
+from npcd.service.validation import (
+    DEFAULT_SPEAKER,
+    RequestError,
+    internal,
+    invalid,
+    sampling_for,
+    validate,
+)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Npcd"].full_name
+
+@dataclass
+class _Job:
+    """One admitted request: what the server needs to translate and account its events."""
+
+    client_id: str
+    request: GenerationRequest
+    persona: str
+    npc_id: str
+
+
+class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
+    def __init__(self, backend: Backend, registry: PersonaRegistry, limits: Limits, metrics: Metrics,
+                 tick_window_s: float, log: Any = None):
+        self._backend = backend
+        self._registry = registry
+        self._limits = limits
+        self._metrics = metrics
+        self._prompts = PromptBuilder(backend.tokenizer)
+        self._admitter = Admitter(backend, tick_window_s)
+        self._log = log or logs.get()
+        self._ids = itertools.count(1)
+        self._running: set[str] = set()            # engine request ids in flight
+        self._wakeups: set[Callable[[], None]] = set()  # sessions to nudge on shutdown
+        self._pumps: set[asyncio.Task] = set()
+        self._accepting = True
+        self._closing = False
+
+    # --- admission ---------------------------------------------------------
+
+    def _prepare(self, req: pb.SayRequest, engine_id: str, context: grpc.aio.ServicerContext | None) -> _Job:
+        """Validated request -> engine request; holds a persona lease that `_events` releases."""
+        if not self._accepting:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "npcd is shutting down; no new requests")
+        validate(req, self._limits)
+        try:
+            persona = self._registry.acquire(req.persona)
+        except PersonaUnavailable as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        try:
+            prompt = self._prompts.build(persona, speaker=req.speaker or DEFAULT_SPEAKER, line=req.line,
+                                         history=req.history, context=dict(req.context), npc_id=req.npc_id)
+            deadline = None
+            if req.deadline_ms:
+                deadline = time.monotonic() + req.deadline_ms / 1000.0
+            remaining = context.time_remaining() if context is not None else None
+            if remaining is not None:  # no point generating past the client's own gRPC deadline
+                deadline = min(deadline or math.inf, time.monotonic() + remaining)
+            request = GenerationRequest(
+                request_id=engine_id, prompt_ids=prompt.ids,
+                sampling=sampling_for(persona, req.sampling, self._limits),
+                adapter=persona.id if persona.adapter_path is not None else None,
+                prefix_len=prompt.prefix_len,
+                priority=1 if req.priority == pb.PRIORITY_PLAYER else 0,
+                deadline=deadline,
+            )
+        except PromptError as exc:  # its message names the field
+            self._registry.release(persona.id)
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except BaseException:
+            self._registry.release(persona.id)
+            raise
+        return _Job(client_id=req.request_id, request=request, persona=persona.id, npc_id=req.npc_id)
+
+    async def _admit(self, jobs: list[_Job]) -> list[AsyncIterator | RequestError]:
+        try:
+            results = await self._admitter.admit([job.request for job in jobs])
+        except asyncio.CancelledError:  # the client left during the tick window; nothing was started
+            for job in jobs:
+                self._registry.release(job.persona)
+            raise
+        out: list[AsyncIterator | RequestError] = []
+        for job, result in zip(jobs, results):
+            if isinstance(result, BackendError):
+                self._registry.release(job.persona)
+                code = BACKEND_CODES.get(type(result), grpc.StatusCode.INTERNAL)
+                if isinstance(result, UnknownAdapter):  # its file went away between lookup and submit
+                    result = RequestError(code, f"persona {job.persona!r} is no longer loaded: {result}")
+                else:
+                    result = RequestError(code, str(result))
+            else:
+                self._running.add(job.request.request_id)
+            out.append(result)
+        return out
+
+    def _rejected(self, exc: RequestError, req: pb.SayRequest | _Job) -> RequestError:
+        """Counts and logs a refusal (the one log line such a request gets)."""
+        self._metrics.request_rejected(exc.code.name)
+        request_id = req.client_id if isinstance(req, _Job) else req.request_id
+        self._log.info("request refused", id=request_id, persona=req.persona, status=exc.code.name,
+                       error=exc.message)
+        return exc
+
+    async def _events(self, job: _Job, stream: AsyncIterator) -> AsyncIterator[pb.Event]:
+        """Engine events of one request as wire events; always releases what admission took."""
+        rid = job.client_id
+        last_delta = 0.0
+        finished = False
+        try:
+            async for event in stream:
+                if isinstance(event, Started):
+                    yield pb.Event(request_id=rid, started=pb.Started(queue_position=event.queue_position))
+                elif isinstance(event, TextDelta):
+                    now = time.monotonic()
+                    if last_delta:
+                        self._metrics.inter_token.observe(now - last_delta)
+                    last_delta = now
+                    yield pb.Event(request_id=rid, delta=pb.TextDelta(text=event.text))
+                elif isinstance(event, Finished):
+                    finished = True
+                    self._account(job, event)
+                    yield self._finished_event(rid, event)
+        finally:
+            if not finished:  # the client went away: stop generating for it now
+                await stream.aclose()  # type: ignore[attr-defined]
+            self._running.discard(job.request.request_id)
+            self._registry.release(job.persona)
+
+    def _account(self, job: _Job, event: Finished) -> None:
+        self._metrics.request_finished(event.reason.value, event.completion_tokens, event.first_token_ms)
+        logs.request_done(self._log, request_id=job.client_id, persona=job.persona, npc_id=job.npc_id,
+                          finished=event)
+
+    @staticmethod
+    def _finished_event(rid: str, event: Finished) -> pb.Event:
+        if event.reason is FinishReason.ERROR:
+            code = grpc.StatusCode.INTERNAL
+            return pb.Event(request_id=rid, error=pb.Error(code=code.value[0], status=code.name,
+                                                           message=event.error or "generation failed"))
+        return pb.Event(request_id=rid, finished=pb.Finished(
+            reason=FINISH_REASONS[event.reason], text=event.text, prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            timings=pb.Timings(queued_ms=event.queued_ms, first_token_ms=event.first_token_ms,
+                               total_ms=event.total_ms)))
+
+    # --- Say -----------------------------------------------------------------
+
+    async def Say(self, request: pb.SayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
+        if not request.request_id:
+            request.request_id = f"say-{next(self._ids)}"
+        engine_id = f"say{next(self._ids)}:{request.request_id}"
+        try:
+            job = self._prepare(request, engine_id, context)
+            [result] = await self._admit([job])
+            if isinstance(result, RequestError):
+                raise result
+        except RequestError as exc:
+            await context.abort(exc.code, self._rejected(exc, request).message)
+            return
+        except Exception as exc:  # a bug in one request must not look like a transport error
+            self._log.exception("request failed", id=request.request_id, persona=request.persona)
+            error = self._rejected(internal(exc), request)
+            await context.abort(error.code, error.message)
+            return
+        async for event in self._events(job, result):
+            yield event
+
+    # --- Session ---------------------------------------------------------------
+
+    async def Session(self, request_iterator: AsyncIterator[pb.Tick],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
+        prefix = f"s{next(self._ids)}:"
+        out: asyncio.Queue[pb.Event | None] = asyncio.Queue()   # None only wakes the loop up
+        live: dict[str, asyncio.Task | None] = {}                 # client request id -> pump (None: admitting)
+        reader_done = False
+
+        async def pump(job: _Job, stream: AsyncIterator) -> None:
+            try:
+                async for event in self._events(job, stream):
+                    out.put_nowait(event)
+            except Exception as exc:  # a bug in one request's stream must not end the others
+                self._log.exception("request failed", id=job.client_id, persona=job.persona)
+                out.put_nowait(internal(exc, "while streaming").event(job.client_id))
+            finally:
+                live.pop(job.client_id, None)
+                out.put_nowait(None)
+
+        async def on_tick(tick: pb.Tick) -> None:
+            for cancel in tick.cancels:
+                if cancel.request_id in live:
+                    self._backend.cancel(prefix + cancel.request_id)
+                # else: it already finished; a cancel racing the Finished is normal
+            jobs: list[_Job] = []
+            for req in tick.requests:
+                try:
+                    if not req.request_id:
+                        raise invalid("request_id", "required in a Session (events are tagged with it)")
+                    if req.request_id in live or any(j.client_id == req.request_id for j in jobs):
+                        raise invalid("request_id", f"{req.request_id!r} is already running in this session")
+                    jobs.append(self._prepare(req, prefix + req.request_id, None))
+                except RequestError as exc:
+                    out.put_nowait(self._rejected(exc, req).event(req.request_id))
+                except Exception as exc:  # one broken request must not end the session
+                    self._log.exception("request failed", id=req.request_id, persona=req.persona)
+                    out.put_nowait(self._rejected(internal(exc), req).event(req.request_id))
+            for job in jobs:  # reserve the ids while admission waits for the window
+                live[job.client_id] = None
+            for job, result in zip(jobs, await self._admit(jobs)):
+                if isinstance(result, RequestError):
+                    live.pop(job.client_id, None)
+                    out.put_nowait(self._rejected(result, job).event(job.client_id))
+                else:
+                    task = asyncio.create_task(pump(job, result))
+                    self._pumps.add(task)  # pumps may outlive their session by one engine step
+                    task.add_done_callback(self._pumps.discard)
+                    live[job.client_id] = task
+
+        async def read() -> None:
+            nonlocal reader_done
+            try:
+                async for tick in request_iterator:
+                    await on_tick(tick)
+            finally:
+                reader_done = True
+                out.put_nowait(None)
+
+        wake = lambda: out.put_nowait(None)  # noqa: E731
+        self._wakeups.add(wake)
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                if out.empty() and not live and (reader_done or self._closing):
+                    break
+                event = await out.get()
+                if event is not None:
+                    yield event
+            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+        finally:
+            self._wakeups.discard(wake)
+            reader.cancel()
+            for client_id, task in list(live.items()):
+                if task is not None:  # its pump gets Finished{CANCELLED} within a step and releases everything
+                    self._backend.cancel(prefix + client_id)
+
+    # --- personas ----------------------------------------------------------------
+
+    def _persona_pb(self, state: PersonaState) -> pb.Persona:
+        msg = pb.Persona(id=state.id, status=STATUSES[state.status], error=state.error or "",
+                         source=str(state.source))
+        persona = state.persona
+        if persona is None:
+            return msg
+        msg.display_name, msg.description = persona.display_name, persona.description
+        msg.metadata.CopyFrom(struct(persona.metadata))
+        if persona.adapter_path is not None:
+            info = self._backend.adapters().get(persona.id)
+            msg.adapter.path = str(persona.adapter_path)
+            if info is not None:
+                msg.adapter.rank, msg.adapter.alpha = info.rank, info.alpha
+                msg.adapter.target_modules.extend(info.target_modules)
+                msg.adapter.resident = info.resident
+        return msg
+
+    async def ListPersonas(self, request: pb.ListPersonasRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListPersonasResponse:
+        return pb.ListPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()])
+
+    async def GetPersona(self, request: pb.GetPersonaRequest, context: grpc.aio.ServicerContext) -> pb.Persona:
+        state = self._registry.get(request.id)
+        if state is None:
+            known = ", ".join(s.id for s in self._registry.states()) or "none"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown persona {request.id!r}; known personas: {known}")
+        return self._persona_pb(state)
+
+    async def ReloadPersonas(self, request: pb.ReloadPersonasRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ReloadPersonasResponse:
+        errors = await asyncio.to_thread(self._registry.reload)
+        return pb.ReloadPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()],
+                                         errors=errors)
+
+    # --- shutdown ------------------------------------------------------------------
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting; let running requests finish for up to grace_s, then cancel them.
+
+        Cancelled requests still send their Finished{CANCELLED} event, and sessions end
+        their streams with status OK once nothing of theirs is running.
+        """
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for engine_id in list(self._running):
+            self._backend.cancel(engine_id)
+        deadline = time.monotonic() + 5.0
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._closing = True
+        for wake in list(self._wakeups):
+            wake()
+
+
+async def start_server(servicer: NpcdServicer, listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A started grpc.aio server with the service, health checking and reflection; returns the bound port."""
+    server = grpc.aio.server()
+    npcd_pb2_grpc.add_NpcdServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    await set_serving(health_servicer, True)
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)

@@ -1,0 +1,101 @@
+"""The `npcd` command line: the subcommand registry, `personas check`, and `say` against a real daemon."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_helpers import engine_config, running_daemon, write_persona
+
+from npcd import cli
+
+
+def test_every_registered_command_has_the_module_interface():
+    for name, spec in cli.COMMANDS.items():
+        module = importlib.import_module(spec.module)
+        assert spec.help and callable(module.add_arguments) and callable(module.run), name
+    assert {"serve", "say", "personas", "train", "eval", "demo", "loadtest"} <= set(cli.COMMANDS)
+
+
+def test_a_command_imports_only_its_own_module(monkeypatch, tmp_path, capsys):
+    broken = tmp_path / "npcd_broken_command.py"
+    broken.write_text("raise ImportError('this command is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "broken", cli.Command("npcd_broken_command", "a command that fails to import"))
+    assert cli.main(["personas", "check", str(tmp_path)]) == 0  # unaffected by the broken one
+    with pytest.raises(ImportError, match="this command is broken"):
+        cli.main(["broken"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "a command that fails to import" in capsys.readouterr().out
+
+
+def test_help_needs_no_model_or_torch():
+    code = "import sys; from npcd import cli; [cli.build_parser(c) for c in cli.COMMANDS]; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_personas_check_reports_errors_and_exits_nonzero(tmp_path, capsys):
+    write_persona(tmp_path, "elf")
+    (tmp_path / "orc.yaml").write_text("id: orc\ndisplay_name: Orc\ndescription: x\nsystem_prompt: x\n"
+                                       "sampling: {temperature: 3.5}\n")
+    assert cli.main(["personas", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "ok     elf" in out
+    assert "orc.yaml:5: sampling.temperature: must be between 0 and 2, got 3.5" in out
+    assert "1 persona(s) valid, 1 error(s)" in out
+    (tmp_path / "orc.yaml").unlink()
+    assert cli.main(["personas", "check", str(tmp_path)]) == 0
+
+
+def test_personas_check_of_a_missing_directory(tmp_path, capsys):
+    assert cli.main(["personas", "check", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["say"])
+    assert info.value.code == 2
+
+
+def test_say_and_personas_against_a_running_daemon(tmp_path, tiny_model_dir, capsys):
+    write_persona(tmp_path, "elf")
+    with running_daemon(tmp_path, engine_config(tiny_model_dir)) as (daemon, _):
+        assert cli.main(["say", "elf", "Hello!", "--address", daemon.address, "--max-tokens", "5",
+                         "--context", "location=forest"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip() and "[length, 5 tokens" in captured.err
+        assert cli.main(["say", "dragon", "Hello!", "--address", daemon.address]) == 1
+        assert "NOT_FOUND: unknown persona 'dragon'" in capsys.readouterr().err
+        assert cli.main(["personas", "--address", daemon.address]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["ID", "STATUS", "ADAPTER", "SOURCE", "/", "ERROR"]
+        assert table[1].split()[:3] == ["elf", "READY", "-"]
+        address = daemon.address
+    assert cli.main(["say", "elf", "Hello!", "--address", address]) == 1
+    assert "no daemon answers at" in capsys.readouterr().err
+
+
+def test_say_local_starts_its_own_daemon(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "p").mkdir()
+    write_persona(tmp_path / "p", "elf")
+    engine = tmp_path / "engine.yaml"
+    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 2\nthreads: 2\n")
+    assert cli.main(["say", "elf", "Hi", "--local", "--personas", str(tmp_path / "p"), "--engine", str(engine),
+                     "--max-tokens", "4"]) == 0
+    assert "[length, 4 tokens" in capsys.readouterr().err
+
+
+def test_the_example_client_streams_a_line(tmp_path, tiny_model_dir):
+    write_persona(tmp_path, "blacksmith")
+    example = Path(__file__).resolve().parents[2] / "examples" / "python_client.py"
+    with running_daemon(tmp_path, engine_config(tiny_model_dir)) as (daemon, _):
+        out = subprocess.run([sys.executable, str(example), "blacksmith", daemon.address],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("ms]") and "[8 tokens," in out.stdout

@@ -1,0 +1,151 @@
+"""The game clients against a real daemon on loopback: the C tests (ctest) and the C# test
+program (mono), both through the native library built by scripts/build_clients.sh.
+
+The daemon runs the real engine over the tiny random Llama, with one plain persona and
+LoRA personas, so that 16 NPCs mix adapters in one batch. The restart flows start and
+kill their own daemon (NPCD_TEST_DAEMON_CMD) on a second port.
+
+Without the toolchain (cmake, a C++ compiler, grpc++, protoc, mcs, mono) the module is
+skipped, except under CI=true, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from server_helpers import serve_argv, serve_env, spawn_daemon, write_persona
+
+pytestmark = pytest.mark.slow  # starts subprocesses
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono")
+FLOWS = ("stream", "tick", "cancel", "restart")
+LORA_PERSONAS = ("elf", "guard", "merchant")
+
+
+def _require_toolchain() -> None:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if not missing and subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode != 0:
+        missing.append("grpc++/protobuf development files")
+    if missing:
+        why = (f"client toolchain missing: {', '.join(missing)} (apt-get install cmake g++ pkg-config "
+               "libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc mono-mcs mono-runtime)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def clients_build(tmp_path_factory) -> Path:
+    _require_toolchain()
+    out = tmp_path_factory.mktemp("clients")
+    subprocess.run([str(ROOT / "scripts" / "build_clients.sh"), str(out)], check=True, timeout=900)
+    return out
+
+
+@pytest.fixture(scope="module")
+def daemon_files(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path, Path, list[str]]:
+    root = tmp_path_factory.mktemp("client-daemon")
+    personas = root / "personas"
+    personas.mkdir()
+    write_persona(personas, "plain")
+    for name in LORA_PERSONAS:
+        write_persona(personas, name, adapter=tiny_adapters[name])
+    engine = root / "engine.yaml"
+    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 16\n"
+                      "max_seq_len: 1024\nthreads: 2\n")
+    return personas, engine, ["plain", *LORA_PERSONAS]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_files, tmp_path_factory):
+    """`npcd serve` on a free loopback port; yields its address once it listens."""
+    personas, engine, _ = daemon_files
+    proc, address, _ = spawn_daemon(personas, engine, tmp_path_factory.mktemp("cwd"))
+    try:
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def restart_log(tmp_path_factory) -> Path:
+    """Where the daemons of the restart flows write their logs."""
+    return tmp_path_factory.mktemp("restart") / "daemon.log"
+
+
+@pytest.fixture(scope="module")
+def test_env(clients_build, daemon, daemon_files, restart_log) -> dict[str, str]:
+    personas, engine, ids = daemon_files
+    restart_addr = f"127.0.0.1:{_free_port()}"
+    env = serve_env()
+    env.update(
+        NPCD_TEST_ADDR=daemon,
+        NPCD_TEST_PERSONAS=",".join(ids),
+        NPCD_TEST_RESTART_ADDR=restart_addr,
+        NPCD_TEST_DAEMON_CMD=shlex.join(serve_argv(personas, engine, restart_addr)) + f" 2>>{shlex.quote(str(restart_log))}",
+        LD_LIBRARY_PATH=str(clients_build / "native"),
+    )
+    return env
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: Path, restart_log: Path) -> str:
+    proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        daemon_log = restart_log.read_text()[-4000:] if restart_log.exists() else "(none)"
+        raise AssertionError(f"{argv} exited {proc.returncode}:\n{output}\nrestart daemons' log:\n{daemon_log}")
+    return output
+
+
+def test_ctest_flows_pass_against_the_daemon(clients_build, test_env, restart_log):
+    native = clients_build / "native"
+    output = _run(["ctest", "--output-on-failure", "--timeout", "300"], test_env, native, restart_log)
+    assert "100% tests passed" in output and f"out of {len(FLOWS)}" in output, output
+    assert "Skipped" not in output and "Not Run" not in output, output
+
+
+@pytest.mark.parametrize("flow", FLOWS)
+def test_csharp_flow_passes_against_the_daemon(clients_build, test_env, restart_log, flow):
+    csharp = clients_build / "csharp"
+    output = _run(["mono", "ClientTest.exe", flow], test_env, csharp, restart_log)
+    assert output.startswith(f"{flow}:"), output
+
+
+def test_only_the_c_abi_is_exported(clients_build):
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(clients_build / "native" / "libnpcd_client.so")],
+                             capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in symbols.splitlines() if " T " in line}
+    header = (ROOT / "cpp_client" / "include" / "npcd_client.h").read_text()
+    assert exported and all(name.startswith("npcd_") and name + "(" in header for name in exported), exported
+
+
+def test_staged_packages_carry_the_one_binding(clients_build):
+    binding = sorted(p.name for p in (ROOT / "csharp" / "Npcd").glob("*.cs"))
+    unity = clients_build / "unity" / "com.npcd.client"
+    godot = clients_build / "godot" / "addons" / "npcd"
+    assert sorted(p.name for p in (unity / "Runtime" / "Binding").glob("*.cs")) == binding
+    assert sorted(p.name for p in (godot / "binding").glob("*.cs")) == binding
+    missing_meta = [p for p in unity.rglob("*") if not p.name.endswith(".meta")
+                    and "Samples~" not in p.parts and not (p.parent / (p.name + ".meta")).exists()]
+    assert not missing_meta, missing_meta
+    assert (unity / "Plugins" / "Linux" / "x86_64" / "libnpcd_client.so").is_file()
+    assert (godot / "bin" / "linux-x64" / "libnpcd_client.so").is_file()
+    assert (clients_build / "unreal" / "NpcdClient" / "ThirdParty" / "npcd_client" / "include" / "npcd_client.h").is_file()

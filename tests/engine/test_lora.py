@@ -1,0 +1,153 @@
+"""The mixed-adapter LoRA operator against a plain per-row loop, over the adapter mixes a server sees.
+
+Real LoraStacks with random fp32 weights; the reference reads the adapters' own (A, B) tensors, not the
+stacks, so slot writing, rank padding and untargeted modules are checked along with the routing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from npcd.engine.lora import GROUPS, GatherCache, LoraBatch, LoraStacks, plan_buckets, split_cost_rows
+
+# Small shapes with the real structure: q/k/v and gate/up fused, k/v narrower, down wider in than out.
+SHAPES = {"q_proj": (24, 24), "k_proj": (24, 8), "v_proj": (24, 8), "o_proj": (24, 24),
+          "gate_proj": (24, 40), "up_proj": (24, 40), "down_proj": (40, 24)}
+LAYERS = 2
+SLOTS = 8
+ALL = tuple(SHAPES)
+# slot -> (rank, targets): ranks 2..16 and partial target sets share one stack padded to rank 16
+ADAPTERS = {0: (4, ALL), 1: (16, ("q_proj", "v_proj")), 2: (2, ("gate_proj", "up_proj", "down_proj")),
+            3: (8, ALL), 4: (8, ("k_proj", "o_proj", "down_proj")), 5: (1, ("v_proj",)),
+            6: (12, ALL), 7: (4, ("q_proj", "up_proj"))}
+
+Adapter = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_adapter(rank: int, targets: tuple[str, ...], gen: torch.Generator) -> Adapter:
+    """(layer, module) -> (A [r, in], B_scaled [out, r]), scaled so deltas are O(1)."""
+    return {(layer, m): (torch.randn(rank, SHAPES[m][0], generator=gen) / SHAPES[m][0] ** 0.5,
+                         torch.randn(SHAPES[m][1], rank, generator=gen) / rank ** 0.5)
+            for layer in range(LAYERS) for m in targets}
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict[int, Adapter]:
+    gen = torch.Generator().manual_seed(0)
+    return {slot: make_adapter(rank, targets, gen) for slot, (rank, targets) in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="module")
+def stacks(adapters) -> LoraStacks:
+    st = LoraStacks(SHAPES, LAYERS, SLOTS, torch.float32, torch.device("cpu"))
+    for slot, tensors in adapters.items():  # rank 4 then 16: the stacks grow with slot 0 resident
+        st.write(slot, tensors)
+    assert st.rank == 16
+    return st
+
+
+def reference(adapters: dict[int, Adapter], row_slots: list[int], x: torch.Tensor, layer: int,
+              group: str) -> torch.Tensor:
+    """The delta row by row: for each row i with adapter a and each member m, x[i] @ A_m[a]^T... as B @ A @ x."""
+    delta = torch.zeros(len(row_slots), sum(SHAPES[m][1] for m in GROUPS[group]))
+    for i, slot in enumerate(row_slots):
+        col = 0
+        for m in GROUPS[group]:
+            width = SHAPES[m][1]
+            if slot >= 0 and (layer, m) in adapters[slot]:
+                a, b = adapters[slot][(layer, m)]
+                delta[i, col:col + width] = b @ (a @ x[i])
+            col += width
+    return delta
+
+
+def check(adapters: dict[int, Adapter], stacks: LoraStacks, row_slots: list[int], split_cost: float | None,
+          operator_slots: list[int] | None = None) -> None:
+    """add_delta on every layer and group equals base + reference delta, to fp32 rounding."""
+    batch = LoraBatch(operator_slots or row_slots, stacks, GatherCache(), split_cost)
+    gen = torch.Generator().manual_seed(len(row_slots))
+    for layer, group in itertools.product(range(LAYERS), GROUPS):
+        x = torch.randn(len(row_slots), SHAPES[GROUPS[group][0]][0], generator=gen)
+        base = torch.randn(len(row_slots), sum(SHAPES[m][1] for m in GROUPS[group]), generator=gen)
+        out = base.clone()
+        batch.add_delta(x, out, layer, group)
+        torch.testing.assert_close(out, base + reference(adapters, row_slots, x, layer, group),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"layer {layer} {group}: {m}")
+
+
+def shuffled(rows: list[int], seed: int) -> list[int]:
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def zipf(n: int, seed: int) -> list[int]:
+    return random.Random(seed).choices(range(SLOTS), weights=[1 / (k + 1) ** 1.2 for k in range(SLOTS)], k=n)
+
+
+DECODE = [5, 2, 7, 0, 2, 4, 1, 6]
+MIXES = {
+    "identical": [3] * 12,
+    "distinct": shuffled(list(range(SLOTS)), 1),
+    "uniform": random.Random(2).choices(range(SLOTS), k=24),
+    "zipf": zipf(32, 3),
+    "skewed": shuffled([6] * 26 + [0, 1, 2, 3, 4, 5], 4),
+    "none_interleaved": random.Random(5).choices([-1, -1, -1, 0, 3, 5, 7], k=20),
+    "all_none": [-1] * 5,
+    "subset_present": [1, 6, 6, 1, 4, -1, 6],
+    "decode_and_prompt": DECODE + [2] * 60,            # the prompt's adapter also decodes: one gathered segment
+    "decode_and_lone_prompt": [0, 1, 5, 7, -1] + [3] * 60,   # the prompt's rows are a contiguous range
+    "two_prompts": [1] * 9 + [2] * 9,                  # equal adjacent segments: one contiguous bucket of 2
+    "prompt_then_decode": [4] * 43 + [-1, 4, 0, 4, 6],
+}
+
+
+@pytest.mark.parametrize("split_cost", [None, 0.0, 1e9], ids=["measured", "every_segment_alone", "one_padded"])
+@pytest.mark.parametrize("mix", MIXES)
+def test_operator_matches_the_per_row_loop(adapters, stacks, mix, split_cost):
+    check(adapters, stacks, MIXES[mix], split_cost)
+
+
+def test_the_comparison_catches_a_misrouted_row(adapters, stacks):
+    """Two rows swapped in routing (or a wrong un-permutation) must fail the check, whatever the plan."""
+    rows = MIXES["zipf"]
+    swapped = rows.copy()
+    i, j = next((i, j) for i, j in itertools.combinations(range(len(rows)), 2) if rows[i] != rows[j])
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    for split_cost in (None, 0.0, 1e9):
+        with pytest.raises(AssertionError):
+            check(adapters, stacks, rows, split_cost, operator_slots=swapped)
+
+
+def test_plan_buckets_is_optimal():
+    """Against every cut of random segment lengths: the pruned dynamic programme finds the cheapest."""
+    rng = random.Random(7)
+
+    def cost(runs, lengths, split):
+        return sum(split + (hi - lo) * max(lengths[lo:hi]) for lo, hi in runs)
+
+    for _ in range(300):
+        lengths = [rng.choice([1, 1, 2, 3, 5, 40, 300]) for _ in range(rng.randint(1, 8))]
+        split = rng.choice([0.0, 1.0, 3.5, 12.0, 1e9])
+        runs = plan_buckets(lengths, split)
+        assert [lo for lo, _ in runs] == [0] + [hi for _, hi in runs[:-1]] and runs[-1][1] == len(lengths)
+        cheapest = min(cost(list(zip((0,) + cuts, cuts + (len(lengths),))), lengths, split)
+                       for k in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), k))
+        assert cost(runs, lengths, split) == pytest.approx(cheapest)
+
+
+@pytest.mark.parametrize("row_slots, most", [
+    ([6] * 25 + list(range(6)) + [7], 32),          # skewed: one adapter 25 rows, 7 singletons; padded: 200
+    (list(range(8)) + [2] * 300, 309),               # a 300-token prompt next to 8 decode rows; padded: 2408
+    ([i % 8 for i in range(32)], 32),                # cycling: one bucket, nothing to pad
+])
+def test_skewed_mixes_run_about_their_real_rows(stacks, row_slots, most):
+    assert LoraBatch(row_slots, stacks, GatherCache()).run_rows <= most
+
+
+def test_split_cost_falls_with_rank():
+    """The per-row padding cost grows with rank, so a bucket is worth fewer padded rows."""
+    assert split_cost_rows(8) > split_cost_rows(64) > 1
