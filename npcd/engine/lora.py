@@ -15,10 +15,11 @@ padded to its longest:
                   expand  d = h @ B                     one bmm per member projection
                   y[r0, r3, r2] += d[real positions]
               [bard], rows already contiguous: x[4:304] and y[4:304] are views,
-                  and the expand accumulates straight into y (baddbmm_)
+                  and the expand accumulates straight into y (addmm_)
 
 One bucket for everything would pad elf and guard to 300 rows: 900 rows of
-work for 303 real ones. LoraBatch.plan_buckets picks the cut per step.
+work for 303 real ones. `plan_buckets` picks the cut per step, trading the calls
+of one more bucket against padded rows.
 
 The base projection runs once for the whole batch. Projections that share
 an input (q/k/v, gate/up) share one shrink: their A matrices sit side by side.
@@ -115,14 +116,18 @@ class LoraStacks:
         self.generation += 1
 
 
-# When one more bucket beats padding, measured with bench/lora_mixes.py's shapes (SmolLM2-135M, one layer's 4
-# groups; 2-core dev box, 1 thread, thread CPU time, medians of 21, load 2-3), one segment of L rows next to a
-# small one, one padded bucket against two: the extra bucket costs 130-240 us (its 1 + members matmul calls
-# per group), a padded row 9-26 us (rank 8 to 64; more per row at few rows). Splitting wins past ~13 padded
-# rows at R = 8, 6-8 at R = 32, ~3 at R = 64, in-place and gathered buckets alike; 220 / (R + 9) fits them
-# (13.0, 5.4, 3.0). Near the break-even both plans cost the same within noise (+-100 us per layer).
-BREAK_EVEN_ROWS_X_RANK = 220.0
-BREAK_EVEN_RANK_OFFSET = 9.0
+# When one more bucket beats padding, measured on bench/lora_mixes.py's shapes (SmolLM2-135M, one layer's 4
+# groups; 2-core dev box, 1 thread, thread CPU time, medians of 21, load ~4): a segment of L rows next to a
+# 1- or 2-row one, one padded bucket against two. The extra bucket costs 30-50 us in place, ~115 us gathered
+# (its 1 + members matmul calls per group, a cat); a padded row 6-10 us at rank 8 to 32, 19 us at 64 (copies of
+# the out_total-wide delta, then FLOPs). Splitting wins past 14-16 padded rows at R = 8 and 16, 7-10 at
+# R = 32, 6 at R = 64; 560 / (R + 29) fits them (15.1, 12.4, 9.2, 6.0). Near the break-even both plans cost
+# the same within noise (+-30 us per layer), so the rule needs no more precision: on 9 random uniform and zipf
+# decode mixes of 16-32 rows, scaling it by 0.5 to 4 moved their total step time by under 5% at R = 8 and 64
+# (one padded bucket: +4% at R = 64), less than repeated runs of one plan differ (~10%). Where it matters,
+# skewed mixes and prompts, splitting saves hundreds of padded rows.
+BREAK_EVEN_ROWS_X_RANK = 560.0
+BREAK_EVEN_RANK_OFFSET = 29.0
 
 
 def split_cost_rows(rank: int) -> float:
@@ -135,9 +140,8 @@ def plan_buckets(lengths: Sequence[int], split_cost: float) -> list[tuple[int, i
 
     Runs are contiguous in slot order because a run's weights must be a view of the stacks: copying even one
     slot's A and B (2.6 MB per layer at rank 64 on all modules) costs more than a decode step's matmul on it.
-    Exact dynamic programme; the inner loop stops once the run alone costs more than the best plan found, so
-    it is O(K^2) only when splitting is free. A split_cost above any padding (1e9) gives one bucket padded to
-    the longest segment.
+    Exact dynamic programme, O(K^2) at worst; the inner loop stops once the run alone costs more than the best
+    plan found. A split_cost above any padding (1e9) gives one bucket padded to the longest segment.
     """
     best = [0.0] + [math.inf] * len(lengths)
     cut = [0] * (len(lengths) + 1)
@@ -164,8 +168,7 @@ class _Bucket:
     lo: int
     hi: int
     S: int
-    in_place: bool  # its rows are a contiguous range in segment order, none padded: x and out are views
-    start: int      # first row: of the batch if in_place, else of the gathered rows
+    rows: slice  # in the batch for an in-place bucket (one segment on contiguous rows), else in the gathered rows
 
 
 class LoraBatch:
@@ -184,20 +187,22 @@ class LoraBatch:
       FLOPs    2 * run_rows * R * (members * in + out_total), of which the n_real rows' are useful;
       weights  each present slot's A and B read once: K * R * (members * in + out_total) floats. This bounds
                decode: 8 distinct adapters at rank 64 stream 20.8 MB per layer, the base projections 14 MB;
-      copies   for the buckets that are not in place, together: one gather of x (their rows * in), a
-               selection of their real rows' deltas (their rows * out_total) and one index_add_ into out;
-      calls    1 + members matmuls per bucket, plus those 3 copies once.
+      copies   none for an in-place bucket (one segment on contiguous rows: views). The gathered buckets
+               together: one gather of x (their run rows * in), each one's member deltas joined (its run
+               rows * out_total) and the buckets' joined if several (again), the real rows selected if any
+               is padded, and one index_add_ into out (their real rows * out_total);
+      calls    1 + members matmuls per bucket (+1 cat when gathered), plus those <= 4 copies once.
 
     Why buckets: torch on CPU has no segmented GEMM. One bmm padded to the longest segment (the grouping
-    before buckets) runs K * S rows: 8 x 301 for a 300-token prompt next to 7 decode rows, 5.6x the
-    buckets' time. One matmul per segment pays the calls of a bucket per segment: 1.4x on 8 one-row
-    decode segments. Gathering each row's weights (bmm [n, 1, in] x [n, in, R]) would copy 442 KB per row
-    and layer for q/k/v at rank 64, more than its matmul reads. So plan_buckets cuts the slot-ordered
-    segments into contiguous runs, each a padded bmm over a view of the stacks, paying one more bucket
-    only where it saves more than split_cost_rows(R) padded rows (measured above).
+    before buckets) runs K * S rows: 8 x 301 for a 300-token prompt next to 8 decode rows on 8 adapters,
+    5.4-5.6x the buckets' time in bench/lora_mixes.py. One matmul per segment pays a bucket's calls per
+    segment: 1.3-1.5x on 8 one-row decode segments. Gathering each row's weights (bmm [n, 1, in] x [n, in, R])
+    would copy 442 KB per row and layer for q/k/v at rank 64, more than its matmul reads. So plan_buckets
+    cuts the slot-ordered segments into contiguous runs, each a padded bmm over a view of the stacks,
+    paying one more bucket only where it saves more than split_cost_rows(R) padded rows (measured above).
     """
 
-    def __init__(self, row_slots: list[int], stacks: LoraStacks, gathered: "GatherCache",
+    def __init__(self, row_slots: list[int], stacks: LoraStacks, gathered: GatherCache,
                  split_cost: float | None = None):
         """split_cost: padded rows one more bucket is worth; None = split_cost_rows(stacks.rank), measured."""
         present = sorted({s for s in row_slots if s >= 0})
@@ -208,49 +213,65 @@ class LoraBatch:
         segments = [by_slot[s] for s in present]
         self.rank = stacks.rank
         cost = split_cost_rows(self.rank) if split_cost is None else split_cost
-        self.buckets: list[_Bucket] = []
+        self.in_place: list[_Bucket] = []
+        self.gathered: list[_Bucket] = []
         gather: list[int] = []  # the gathered buckets' padded rows, one after the other (pads repeat a real row)
         rows: list[int] = []    # their real rows, in gathered order
         src: list[int] = []     # each real row's gathered position
         for lo, hi in plan_buckets([len(seg) for seg in segments], cost):
             S = max(len(seg) for seg in segments[lo:hi])
-            order = [r for seg in segments[lo:hi] for r in seg]
-            if order == list(range(order[0], order[0] + (hi - lo) * S)):
-                self.buckets.append(_Bucket(lo, hi, S, in_place=True, start=order[0]))
+            first = segments[lo][0]
+            if hi - lo == 1 and segments[lo] == list(range(first, first + S)):
+                self.in_place.append(_Bucket(lo, hi, S, slice(first, first + S)))
                 continue
-            self.buckets.append(_Bucket(lo, hi, S, in_place=False, start=len(gather)))
+            self.gathered.append(_Bucket(lo, hi, S, slice(len(gather), len(gather) + (hi - lo) * S)))
             for seg in segments[lo:hi]:
                 src.extend(range(len(gather), len(gather) + len(seg)))
                 gather.extend(seg + seg[:1] * (S - len(seg)))
-            rows.extend(order)
+                rows.extend(seg)
         index = partial(torch.tensor, dtype=torch.long, device=stacks.device)
-        self.gather = index(gather) if gather else None
-        self.rows = index(rows)
+        self.gather, self.rows = index(gather), index(rows)
         self.src = index(src) if len(src) < len(gather) else None  # None: no padding to drop
+        self.buckets = self.in_place + self.gathered
         self.run_rows = sum((b.hi - b.lo) * b.S for b in self.buckets)
+        self.widths = {g: [stacks.module_shapes[m][1] for m in members] for g, members in GROUPS.items()}
         self.weights = gathered.get(stacks, tuple(present))
+        # One bucket over every present slot (most decode steps) uses the stacks as they are: a view costs ~3 us
+        # here, and slicing 1 + members of them per call made 8-distinct-adapter decode steps at rank 8 13-15%
+        # slower than the operator before buckets (9.2 -> 10.4 ms, 14.7 -> 16.9 ms, two runs). Views taken once
+        # per batch instead cost 6 ms per new batch of three buckets (8 decode rows + a 43-token prompt), more
+        # than its calls save.
+        self.whole = not self.in_place and len(self.gathered) == 1
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor, layer: int, group: str) -> None:
         """out[i, cols_m] += x[i] @ A_m[a_i] @ B_m[a_i] for every row i with an adapter (see the class docstring).
 
-        In-place buckets read x and accumulate into out through views (baddbmm_, beta 1); the others read one
-        gather of x and write (beta 0) one delta buffer, added into out by a single index_add_.
+        An in-place bucket reads its rows of x and accumulates into its rows of out through views: addmm_ on
+        a column block, which BLAS writes with a row stride, no copy. The gathered buckets share one gather
+        of x; each joins its members' deltas (bmm, cat), and one index_add_ adds all their real rows into
+        out. baddbmm_ into out's column blocks viewed [K, S, out_m] would save the join, but costs more once
+        K > 1: 748 us against 648 us for bmm + cat (8 x 4 rows, rank 64, gate and up).
         """
         stack = self.weights[(layer, group)]
-        widths = [B.shape[-1] for B in stack.B]
-        xg = dg = None
-        if self.gather is not None:
-            xg = x.index_select(0, self.gather)
-            dg = out.new_empty(len(self.gather), out.shape[1])
-        for b in self.buckets:
-            K = b.hi - b.lo
-            xs, ds = (x, out) if b.in_place else (xg, dg)
-            h = torch.bmm(xs[b.start:b.start + K * b.S].view(K, b.S, -1), stack.A[b.lo:b.hi])  # [K, S, members*R]
-            cols = ds[b.start:b.start + K * b.S].split(widths, dim=-1)
-            for hm, B, col in zip(h.split(self.rank, dim=-1), stack.B, cols):
-                col.view(K, b.S, -1).baddbmm_(hm, B[b.lo:b.hi], beta=1 if b.in_place else 0)
-        if dg is not None:
-            out.index_add_(0, self.rows, dg if self.src is None else dg.index_select(0, self.src))
+        R = self.rank
+        for b in self.in_place:
+            h = x[b.rows] @ stack.A[b.lo]                                   # [S, members*R]
+            for hm, B, col in zip(h.split(R, dim=-1), stack.B, out[b.rows].split(self.widths[group], dim=-1)):
+                col.addmm_(hm, B[b.lo])
+        if not self.gathered:
+            return
+        xg = x.index_select(0, self.gather)
+        parts = []
+        for b in self.gathered:
+            A, Bs = (stack.A, stack.B) if self.whole else (stack.A[b.lo:b.hi], [B[b.lo:b.hi] for B in stack.B])
+            h = torch.bmm(xg[b.rows].view(b.hi - b.lo, b.S, -1), A)        # [K, S, members*R]
+            if len(Bs) == 1:
+                d = torch.bmm(h, Bs[0])
+            else:
+                d = torch.cat([torch.bmm(hm, B) for hm, B in zip(h.split(R, dim=-1), Bs)], dim=-1)
+            parts.append(d.flatten(0, 1))
+        d = parts[0] if len(parts) == 1 else torch.cat(parts)
+        out.index_add_(0, self.rows, d if self.src is None else d.index_select(0, self.src))
 
 
 class GatherCache:

@@ -212,7 +212,8 @@ class LlamaModel:
         """Which operator each part of the forward runs, as the startup log and /metrics report it."""
         dense = f"{str(self.dtype).removeprefix('torch.')} linear"
         return {"projections": dense, "lm_head": self.head_kernel,
-                "attention": "scaled_dot_product_attention", "lora": "segmented bmm (npcd.engine.lora)"}
+                "attention": "scaled_dot_product_attention",
+                "lora": "bucketed bmm over adapter segments (npcd.engine.lora)"}
 
     # -- the forward -------------------------------------------------------
 
