@@ -99,3 +99,14 @@ def test_the_example_client_streams_a_line(tmp_path, tiny_model_dir):
                              capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("ms]") and "[8 tokens," in out.stdout
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_error(tmp_path):
+    for i in range(400):  # more lines than a pipe buffer holds, so the writer sees the reader go
+        (tmp_path / f"p{i:03d}.yaml").write_text(f"id: p{i:03d}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "npcd.cli", "personas", "check", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"error")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
