@@ -365,13 +365,10 @@ class Engine:
             if not all(self.registry.make_resident(v) for v in distinct):
                 raise RuntimeError(f"score() takes at most max_resident_adapters={self.stacks.slots} "
                                    f"distinct adapters at once")
-            return self._score(prompts, versions)
+            return self.runner.score(prompts, [v.slot if v is not None else -1 for v in versions])
         finally:
             for version in distinct:
                 self.registry.release(version)
-
-    def _score(self, prompts: list[list[int]], versions: list[AdapterVersion | None]) -> list[torch.Tensor]:
-        return self.runner.score(prompts, [v.slot if v is not None else -1 for v in versions])
 
     def describe(self) -> dict[str, object]:
         """The resolved fast path, for the startup log and /metrics: what runs, in what dtype, with which kernels."""
