@@ -8,9 +8,8 @@ Systems (all measured in this run, on the same machine):
   peft_serial  transformers + PEFT, one request at a time, set_adapter() per request
   peft_mixed   PEFT's mixed-adapter batch: one generate() with adapter_names=
   hf_generate  transformers.generate, batch 1, no adapter (the single-stream reference)
-  npcd_base    our engine, no adapters
-  npcd_mixed   our engine, one adapter per row, 8 adapters cycling
-  npcd_*_int8  the same with `quantize: lm_head_int8` (int8 LM head; everything else fp32)
+  npcd_base_<weights>   our engine, no adapters, per `weights:` mode (int4, fp32, ...; --npcd-weights)
+  npcd_mixed_<weights>  our engine, one adapter per row, 8 adapters cycling
   llamacpp_*   llama.cpp on the bundled Q4_1 GGUF (bench/peers/llamacpp_peer.py): base, one LoRA,
                and switch8 (8 adapters served one request after another, as a llama.cpp sidecar would)
   vllm_*       vLLM's CPU build in its own venv (bench/peers/vllm_peer.py): mixed (a LoRARequest per
@@ -49,7 +48,8 @@ import torch  # noqa: E402
 
 from npcd.engine.api import Finished, GenerationRequest, SamplingParams, TextDelta  # noqa: E402
 from npcd.engine.config import EngineConfig  # noqa: E402
-from npcd.engine.engine import Engine, pick_device_dtype  # noqa: E402
+from npcd.engine.engine import Engine  # noqa: E402
+from npcd.engine.platform import cpu_has_native_bf16, place  # noqa: E402
 from npcd.engine.testing import write_lora  # noqa: E402
 from npcd.engine.weights import resolve_base  # noqa: E402
 
@@ -178,22 +178,21 @@ def machine_limits(threads: int) -> dict[str, float]:
 
 
 def step_cost(engine: Engine) -> tuple[float, float]:
-    """Bytes of weights one decode step reads, and FLOPs per token (2 x parameters)."""
+    """Bytes of weights one decode step reads (projections and LM head as stored), and FLOPs per token."""
     m = engine.model
-    layer_params = sum(getattr(layer, name).numel() for layer in m.layers for name in layer.__slots__)
-    head = m.lm_head.numel()
-    head_bytes = head * (1 if engine.quantize == "lm_head_int8" else m.lm_head.element_size())
-    return layer_params * m.lm_head.element_size() + head_bytes, 2.0 * (layer_params + head)
+    s = m.spec
+    params = sum(i * o for i, o in s.module_shapes().values()) * s.num_layers + s.vocab_size * s.hidden_size
+    return float(m.weight_bytes), 2.0 * params
 
 
-NPCD_SYSTEMS = ("npcd_mixed", "npcd_base", "npcd_mixed_int8", "npcd_base_int8")
 PEER_SYSTEMS = ("llamacpp_base", "llamacpp_lora", "llamacpp_switch8", "vllm_mixed", "vllm_base",
                 "peft_mixed", "peft_serial", "hf_generate")
 
 
 def print_table(records: list[Record], limits: dict[str, float], costs: dict[str, tuple[float, float]]) -> None:
     by = {(r.system, r.batch): r for r in records}
-    systems = [s for s in NPCD_SYSTEMS + PEER_SYSTEMS if any(r.system == s for r in records)]
+    npcd_systems = list(dict.fromkeys(r.system for r in records if r.system.startswith("npcd_")))
+    systems = npcd_systems + [s for s in PEER_SYSTEMS if any(r.system == s for r in records)]
     batches = sorted({r.batch for r in records})
     print(f"\n{'system':<18}" + "".join(f"{'B=' + str(b):>26}" for b in batches))
     for s in systems:
@@ -205,7 +204,7 @@ def print_table(records: list[Record], limits: dict[str, float], costs: dict[str
         print(f"{s:<18}" + "".join(f"{c:>26}" for c in cells))
     print("(tokens/s, ms per decode step of the batch, mean time to first token)")
     print(f"\nmachine, measured now: stream {limits['stream_gb_s']:.1f} GB/s, fp32 GEMM {limits['gemm_gflop_s']:.0f} GFLOP/s")
-    for s in (s for s in NPCD_SYSTEMS if s in costs):
+    for s in (s for s in npcd_systems if s in costs):
         weight_bytes, flops = costs[s]
         print(f"\n{s} (tokens/s ratio to each peer at the same batch; > 1 means npcd is faster):")
         for b in batches:
@@ -236,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", type=Path, default=Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python",
                         help="the vLLM venv's interpreter (make bench-peers creates it)")
     parser.add_argument("--batches", help="comma-separated batch sizes (overrides the mode's)")
-    parser.add_argument("--npcd-quantize", default="none,lm_head_int8",
-                        help="npcd runs once per quantize mode; lm_head_int8 systems get an _int8 suffix")
+    parser.add_argument("--npcd-weights", default="auto,fp32",
+                        help="npcd runs once per weights mode (auto resolves to this machine's pick); "
+                             "its systems get the mode as a suffix, e.g. npcd_mixed_int4")
     args = parser.parse_args(argv)
     w = QUICK if args.quick else Workload()
     if args.batches:
@@ -247,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig.from_yaml(args.engine) if args.engine else EngineConfig()
     config = config.replace(max_batch_size=max(w.batches), max_seq_len=256, max_resident_adapters=w.adapters,
                             max_lora_rank=max(config.max_lora_rank, w.rank))
-    device, dtype, _ = pick_device_dtype(config.replace(quantize="none"))
+    device = place(config).device
+    dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32  # PEFT's
     base_dir = resolve_base(config.base)
     threads = config.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    print(f"device={device} dtype={str(dtype).removeprefix('torch.')} threads={threads} prompt={w.prompt_tokens} "
+    print(f"device={device} cpu={torch.backends.cpu.get_cpu_capability()} threads={threads} prompt={w.prompt_tokens} "
           f"output={w.output_tokens} rank={w.rank} adapters={w.adapters} batches={list(w.batches)}", flush=True)
 
     limits = machine_limits(threads)
@@ -269,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = make_adapters(base_dir, Path(tmp), w)
         names = [f"a{i}" for i in range(w.adapters)]
-        for mode in args.npcd_quantize.split(","):
-            suffix = "" if mode == "none" else "_int8"
-            engine = Engine(config.replace(quantize=mode))
+        modes = dict.fromkeys(place(config.replace(weights=m)).weights for m in args.npcd_weights.split(","))
+        for mode in modes:
+            suffix = f"_{mode}"
+            engine = Engine(config.replace(weights=mode))
+            print(f"npcd weights={mode}: {engine.describe()['kernels']}", flush=True)
             for name, path in zip(names, adapter_dirs):
                 engine.load_adapter(name, str(path))
             prompts = make_prompts(engine.tokenizer, max(w.batches), w.prompt_tokens)

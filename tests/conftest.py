@@ -42,7 +42,7 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture
 def tiny_config(tiny_model_dir) -> EngineConfig:
-    return EngineConfig(base=str(tiny_model_dir), dtype="float32", quantize="none", device="cpu", max_batch_size=8,
+    return EngineConfig(base=str(tiny_model_dir), weights="fp32", device="cpu", max_batch_size=8,
                         max_seq_len=256, max_resident_adapters=4, max_lora_rank=64, max_queue=64, threads=2)
 
 

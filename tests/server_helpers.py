@@ -42,7 +42,7 @@ def write_persona(directory: Path, persona_id: str, *, adapter: Path | None = No
 
 
 def engine_config(model_dir: Path, **changes) -> EngineConfig:
-    base = EngineConfig(base=str(model_dir), dtype="float32", quantize="none", device="cpu", max_batch_size=32, max_seq_len=1024,
+    base = EngineConfig(base=str(model_dir), weights="fp32", device="cpu", max_batch_size=32, max_seq_len=1024,
                         max_resident_adapters=4, max_queue=128, threads=2)
     return dataclasses.replace(base, **changes)
 

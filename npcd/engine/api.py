@@ -224,5 +224,5 @@ class Backend(Protocol):
     def stats(self) -> EngineStats: ...
 
     def describe(self) -> dict[str, object]:
-        """The resolved fast path (device, dtype, quantize mode, kernels, prefill policy, threads, sizes)."""
+        """The resolved fast path (device, weights mode and why, dtype, kernels, prefill policy, threads, sizes)."""
         ...

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-QUANTIZE_MODES = ("none", "lm_head_int8", "auto")  # auto: lm_head_int8 on a CPU without native bf16, else none
+WEIGHT_MODES = ("auto", "fp32", "bf16", "int8", "int4")  # npcd.engine.quant says what each runs; auto: npcd.engine.platform
+RENAMED_KEYS = {"dtype": "weights", "quantize": "weights"}  # keys of earlier releases, named in the error
 BACKENDS = ("torch",)  # "tensorrt-llm" slots in behind npcd.engine.api.Backend
 # alternate: a prefill step, then a decode step; eager: prefill whenever requests wait;
 # mixed: running rows decode in the same forward that prefills the newcomers.
@@ -24,9 +25,8 @@ class EngineConfig:
 
     backend: str = "torch"
     base: str = "embedded:smollm2-135m-instruct"  # or a local HF Llama-family directory
-    dtype: str = "auto"            # auto | bfloat16 | float32; auto = bf16 where the CPU/GPU has native bf16
+    weights: str = "auto"          # auto | fp32 | bf16 | int8 | int4 (npcd.engine.quant; auto picks per CPU / device)
     device: str = "auto"           # auto | cpu | cuda
-    quantize: str = "auto"         # none | lm_head_int8 | auto (lm_head_int8 on a CPU without native bf16); see npcd.engine.quant
     max_batch_size: int = 32       # KV-cache slots = sequences decoded together
     max_seq_len: int = 1024        # prompt + output tokens per sequence
     kv_cache_mb: int = 0           # 0 = size for max_batch_size x max_seq_len; else a cap that lowers max_batch_size
@@ -51,7 +51,9 @@ class EngineConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}")
+            renamed = "".join(f"; {k} is now {RENAMED_KEYS[k]} ({'|'.join(WEIGHT_MODES)})"
+                              for k in unknown if k in RENAMED_KEYS)
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}{renamed}")
         values = {}
         for key, value in data.items():
             want = type(cls.__dataclass_fields__[key].default)
@@ -70,15 +72,12 @@ class EngineConfig:
                 raise ValueError(f"{source}: {msg}")
 
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        need(self.weights in WEIGHT_MODES, f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        need(self.quantize in QUANTIZE_MODES, f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
-        if self.quantize == "lm_head_int8":
+        if self.weights in ("int8", "int4"):
             need(self.device in ("auto", "cpu"),
-                 f"quantize: lm_head_int8 runs on the CPU only, but device is {self.device!r}")
-            need(self.dtype in ("auto", "float32"),
-                 f"quantize: lm_head_int8 needs fp32 activations, so dtype must be auto or float32, got {self.dtype!r}")
+                 f"weights: {self.weights} runs on the CPU only (npcd's block kernel), but device is {self.device!r}")
         need(1 <= self.max_batch_size <= 1024, f"max_batch_size must be in 1..1024, got {self.max_batch_size}")
         need(16 <= self.max_seq_len <= 131072, f"max_seq_len must be in 16..131072, got {self.max_seq_len}")
         need(self.kv_cache_mb >= 0, f"kv_cache_mb must be >= 0, got {self.kv_cache_mb}")

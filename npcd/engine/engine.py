@@ -20,12 +20,10 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from npcd.engine import quant
 from npcd.engine.adapters import AdapterRegistry, AdapterVersion, read_peft_adapter
 from npcd.engine.api import (
     SAMPLING_BOUNDS,
@@ -47,7 +45,9 @@ from npcd.engine.detokenizer import IncrementalDetokenizer
 from npcd.engine.kv_cache import KVCache, PrefixCache
 from npcd.engine.lora import LoraStacks
 from npcd.engine.model import LlamaModel
+from npcd.engine.platform import cpu_model_name, place
 from npcd.engine.postprocess import Postprocessor
+from npcd.engine.quant import lora_dtype
 from npcd.engine.runner import ModelRunner
 from npcd.engine.sampler import SamplerState
 from npcd.engine.scheduler import Scheduler
@@ -55,58 +55,13 @@ from npcd.engine.sequence import Sequence, Sink
 from npcd.engine.weights import resolve_base
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_has_native_bf16() -> bool:
-    flags = _cpuinfo()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_model_name() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
-
-
-def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype, str]:
-    """Where the engine runs, its activation dtype, and the quantize mode it resolves to."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {config.device!r} was asked for, but CUDA is not available")
-    quantize = config.quantize
-    if quantize == "auto":
-        quantize = "lm_head_int8" if device.type == "cpu" and config.dtype in ("auto", "float32") \
-            and not cpu_has_native_bf16() and quant.supported() else "none"
-    if quantize == "lm_head_int8":
-        if device.type != "cpu":
-            raise RuntimeError(f"quantize: lm_head_int8 runs on the CPU only, but the engine would run on {device}")
-        if not quant.supported():
-            raise RuntimeError("quantize: lm_head_int8 needs torch's x86/fbgemm quantized engine, "
-                               "which this torch build lacks")
-        dtype = torch.float32
-    elif config.dtype == "auto":
-        native = device.type == "cuda" or cpu_has_native_bf16()
-        dtype = torch.bfloat16 if native else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    return device, dtype, quantize
-
-
 class Engine:
     """Loads the base once; serves requests with per-row adapters in shared batches."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device, self.dtype, self.quantize = pick_device_dtype(config)
+        self.placement = place(config)
+        self.device = self.placement.device
         if self.device.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         from transformers import AutoTokenizer
@@ -115,15 +70,15 @@ class Engine:
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_seq_len = config.max_seq_len
-        self.model = LlamaModel.load(model_dir, self.dtype, self.device, config.max_seq_len,
-                                     self.quantize)
+        self.model = LlamaModel.load(model_dir, self.placement.weights, self.device, config.max_seq_len)
+        self.dtype = self.model.dtype
         spec = self.model.spec
         self.spec = spec
         slots = KVCache.slots_for_budget(spec, config.max_seq_len, self.dtype, config.kv_cache_mb,
                                          config.max_batch_size)
         self.kv = KVCache(spec, slots, config.max_seq_len, self.dtype, self.device)
         self.stacks = LoraStacks(spec.module_shapes(), spec.num_layers, config.max_resident_adapters,
-                                 self.dtype, self.device)
+                                 lora_dtype(self.placement.weights), self.device)
         self.registry = AdapterRegistry(self.stacks)
         self.prefix_cache = PrefixCache(config.prefix_cache_entries)
         eos = set(spec.eos_token_ids)
@@ -133,6 +88,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.kv, self.prefix_cache, self._can_run)
         self.runner = ModelRunner(self.model, self.kv, self.stacks, self.prefix_cache, self.device)
         self.postprocessor = Postprocessor(self.eos_ids, config.max_seq_len)
+        self.warmup_ms = self._warm_up()
 
         self.by_id: dict[str, Sequence] = {}
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -295,7 +251,10 @@ class Engine:
         if plan is None:
             return False
         logits = self.runner.run(plan)
-        for seq, reason in self.postprocessor.process(plan.rows, logits):
+        sampled, rows = plan.sampled, plan.rows
+        if len(sampled) < len(rows):  # rows still prefilling their prompt get no token yet
+            logits = logits[sampled]
+        for seq, reason in self.postprocessor.process([rows[i] for i in sampled], logits):
             self._finish(seq, reason)
         self.last_batch_size = len(plan.rows)
         self.steps += 1
@@ -370,16 +329,26 @@ class Engine:
             for version in distinct:
                 self.registry.release(version)
 
+    def _warm_up(self) -> float:
+        """One small forward before the first request, so kernels, caches and allocator are warm; its time
+        goes into the startup log."""
+        start = time.perf_counter()
+        self.runner.score([[self.tokenizer.bos_token_id or 0] * 8], [-1])
+        return (time.perf_counter() - start) * 1000
+
     def describe(self) -> dict[str, object]:
         """The resolved fast path, for the startup log and /metrics: what runs, in what dtype, with which kernels."""
         return {
             "backend": self.config.backend, "model": str(self.model_dir), "device": str(self.device),
             "cpu": cpu_model_name() if self.device.type == "cpu" else "",
             "cpu_capability": torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else "",
-            "dtype": str(self.dtype).removeprefix("torch."), "quantize": self.quantize,
+            "weights": self.placement.weights, "weights_reason": self.placement.reason,
+            "dtype": str(self.dtype).removeprefix("torch."),
             "kernels": self.model.kernels(), "prefill_policy": self.config.prefill_policy,
-            # fp32: greedy and seeded text alone equals batched (tests/engine/test_quant.py); bf16 GEMMs of
-            # different batch sizes round differently, so a line may change with its batch companions
+            "kernel_build_s": round(self.model.cpu_kernels.build_s, 1) if self.model.cpu_kernels else 0.0,
+            "warmup_ms": round(self.warmup_ms, 1),
+            # fp32 and the block modes: greedy and seeded text alone equals batched (tests/engine/test_quant.py);
+            # bf16 GEMMs of different batch sizes round differently, so a line may change with its companions
             "batch_invariant": self.dtype == torch.float32,
             "threads": torch.get_num_threads() if self.device.type == "cpu" else 0,
             "max_batch_size": self.kv.slots, "max_seq_len": self.max_seq_len,

@@ -33,7 +33,7 @@ zeros too, so different ranks and target sets share a batch. Scaling
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -272,6 +272,21 @@ class LoraBatch:
             parts.append(d.flatten(0, 1))
         d = parts[0] if len(parts) == 1 else torch.cat(parts)
         out.index_add_(0, self.rows, d if self.src is None else d.index_select(0, self.src))
+
+
+class SegmentedLoraBatch:
+    """LoraBatch's semantics through npcd's segmented CPU kernel (npcd/engine/kernels/lora.cpp), for fp32
+    activations on the CPU over fp32 or bf16 stacks: rows read in place (no gather, no padding, no bucket plan), each adapter's weights streamed once
+    per step for all its rows, and every row's delta summed in a fixed order, so a row's result does not
+    depend on its batch companions."""
+
+    def __init__(self, row_slots: list[int], stacks: LoraStacks, lora_add: Callable[..., None]):
+        self.stacks, self._add = stacks, lora_add
+        self.slots = torch.tensor(row_slots, dtype=torch.long)
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor, layer: int, group: str) -> None:
+        stack = self.stacks.stacks[(layer, group)]
+        self._add(x.contiguous(), out, stack.A, stack.B, self.slots)
 
 
 class GatherCache:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from npcd.engine.lora import LoraBatch
-from npcd.engine.quant import Int8Head
+from npcd.engine.lora import LoraBatch, SegmentedLoraBatch
+from npcd.engine.ops import pick_ops
+from npcd.engine.quant import Linear, WeightFactory
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,19 @@ class RowBlock:
     kv_len: int                        # keys to attend over: max over rows of (position of last token + 1)
     packed: torch.Tensor | None = None  # [n] long: the real tokens' cells in positions.view(-1)
 
+    @classmethod
+    def for_prompts(cls, news: list[list[int]], starts: list[int], slot_start: int,
+                    device: torch.device | None = None) -> "RowBlock":
+        """Rows of new tokens (row i continues at position starts[i]), padded to the longest for attention."""
+        T = max(len(t) for t in news)
+        lengths = torch.tensor([len(t) for t in news])
+        first = torch.tensor(starts)
+        packed = None
+        if any(len(t) != T for t in news):
+            packed = (torch.arange(T) < lengths.view(-1, 1)).view(-1).nonzero().view(-1).to(device)
+        return cls(slot_start=slot_start, positions=(first.view(-1, 1) + torch.arange(T)).to(device),
+                   kv_len=int((first + lengths).max()), packed=packed)
+
     @property
     def token_count(self) -> int:
         return self.positions.numel() if self.packed is None else self.packed.numel()
@@ -120,7 +134,7 @@ class StepInputs:
     tokens: torch.Tensor      # [n] long: the real tokens of every block, block after block, row after row
     blocks: list[RowBlock]
     last_index: torch.Tensor  # [rows] long: each row's last token, as an index into `tokens`
-    lora: LoraBatch | None = None  # routes `tokens` to adapters
+    lora: LoraBatch | SegmentedLoraBatch | None = None  # routes `tokens` to adapters
     all_logits: bool = False  # logits for every token (scoring) instead of each row's last
 
 
@@ -157,46 +171,50 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class LlamaModel:
     """Weights plus a functional forward; no nn.Module machinery on the hot path."""
 
-    def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device, max_seq_len: int, quantize: str = "none"):
-        self.spec, self.dtype, self.device = spec, dtype, device
+    def __init__(self, spec: LlamaSpec, weights: dict[str, torch.Tensor], mode: str,
+                 device: torch.device, max_seq_len: int):
+        """`mode`: the weights mode (npcd.engine.quant.WEIGHT_MODES) of the projections and the LM head."""
+        factory = WeightFactory(mode, device)
+        self.spec, self.mode, self.dtype, self.device = spec, mode, factory.dtype, device
 
         def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype).contiguous()
+            return weights[name].to(device=device, dtype=self.dtype).contiguous()
+
+        def cat(prefix: str, names: tuple[str, ...]) -> torch.Tensor:
+            return torch.cat([weights[prefix + n + ".weight"] for n in names])
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if spec.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        tied = spec.tie_word_embeddings or "lm_head.weight" not in weights
+        self.head: Linear = factory.head(weights["model.embed_tokens.weight" if tied else "lm_head.weight"])
         self.layers: list[LayerWeights] = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
             layer = LayerWeights()
             layer.input_norm = w(p + "input_layernorm.weight")
             layer.post_norm = w(p + "post_attention_layernorm.weight")
-            layer.qkv = torch.cat([w(p + f"self_attn.{n}.weight") for n in ("q_proj", "k_proj", "v_proj")]).contiguous()
-            layer.o = w(p + "self_attn.o_proj.weight")
-            layer.gate_up = torch.cat([w(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj")]).contiguous()
-            layer.down = w(p + "mlp.down_proj.weight")
+            layer.qkv = factory.projection(cat(p + "self_attn.", ("q_proj", "k_proj", "v_proj")))
+            layer.o = factory.projection(weights[p + "self_attn.o_proj.weight"])
+            layer.gate_up = factory.projection(cat(p + "mlp.", ("gate_proj", "up_proj")))
+            layer.down = factory.projection(weights[p + "mlp.down_proj.weight"])
             self.layers.append(layer)
-        # The LM head is one call, self.head(x); lm_head_int8 swaps its weight and its op (npcd.engine.quant).
-        self.head = lambda x: F.linear(x, self.lm_head)
-        self.head_kernel = f"{str(dtype).removeprefix('torch.')} linear"
-        if quantize == "lm_head_int8":
-            self.head = Int8Head(self.lm_head, self.norm)
-            self.head_kernel = "int8 fbgemm, pinned range + fp32 rescoring of the top tokens (batch-invariant)"
+        self.cpu_kernels = factory.cpu_kernels
+        self.ops = pick_ops(spec.rms_norm_eps, self.dtype, device, factory.cpu_kernels)
+        self._kernels = {**factory.describe(), "glue": self.ops.name}
+        self.weight_bytes = sum(f.nbytes for layer in self.layers for f in (layer.qkv, layer.o, layer.gate_up,
+                                                                             layer.down)) + self.head.nbytes
 
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
         if spec.rope_scaling:
             inv_freq = _llama3_inv_freq(inv_freq, spec.rope_scaling)
         freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+        self.cos = angles.cos().to(device=device, dtype=self.dtype)
+        self.sin = angles.sin().to(device=device, dtype=self.dtype)
         self.key_index = torch.arange(max_seq_len, device=device)
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype, device: torch.device, max_seq_len: int,
-             quantize: str = "none") -> "LlamaModel":
+    def load(cls, model_dir: Path, mode: str, device: torch.device, max_seq_len: int) -> "LlamaModel":
         spec = LlamaSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()))
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
@@ -206,14 +224,15 @@ class LlamaModel:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     weights[key] = st.get_tensor(key)
-        return cls(spec, weights, dtype, device, max_seq_len, quantize)
+        return cls(spec, weights, mode, device, max_seq_len)
 
     def kernels(self) -> dict[str, str]:
         """Which operator each part of the forward runs, as the startup log and /metrics report it."""
-        dense = f"{str(self.dtype).removeprefix('torch.')} linear"
-        return {"projections": dense, "lm_head": self.head_kernel,
-                "attention": "scaled_dot_product_attention",
-                "lora": "bucketed bmm over adapter segments (npcd.engine.lora)"}
+        return {**self._kernels, "attention": "scaled_dot_product_attention",
+                "lora": "segmented kernel, fp32 accumulation in a fixed order (npcd/engine/kernels/lora.cpp)"
+                        if self.ops.lora_add is not None else
+                        f"bucketed bmm over adapter segments in {str(self.dtype).removeprefix('torch.')} "
+                        "(npcd.engine.lora)"}
 
     # -- the forward -------------------------------------------------------
 
@@ -236,6 +255,20 @@ class LlamaModel:
                 row_index=torch.arange(rows, device=self.device).view(rows, 1)))
             start += b.token_count
         return plans
+
+    @staticmethod
+    def _token_slots(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache slot and position of each of the step's tokens, in token-list order."""
+        slots, positions = [], []
+        for b in step.blocks:
+            rows, T = b.positions.shape
+            slot = (torch.arange(rows, device=b.positions.device) + b.slot_start).repeat_interleave(T)
+            pos = b.positions.reshape(-1)
+            if b.packed is not None:
+                slot, pos = slot[b.packed], pos[b.packed]
+            slots.append(slot)
+            positions.append(pos)
+        return torch.cat(slots), torch.cat(positions)
 
     def _attend(self, qkv: torch.Tensor, p: _BlockPlan, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One block's attention: [its tokens, q+k+v] -> [its tokens, heads * head_dim]; writes its keys first."""
@@ -265,36 +298,43 @@ class LlamaModel:
         The projections, the MLP and the LoRA deltas run once over the whole token list, decode and
         prefill rows together; attention runs per block.
         """
-        s = self.spec
-        plans = self._plan(step, k_cache.shape[3])
+        s, ops = self.spec, self.ops
+        if ops.attention is not None:
+            slots, positions = self._token_slots(step)
+        else:
+            plans = self._plan(step, k_cache.shape[3])
         x = F.embedding(step.tokens, self.embed)                        # [n, H]
         lora = step.lora
-
+        h = ops.rms_norm(x, self.layers[0].input_norm)
         for li, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (s.hidden_size,), layer.input_norm, s.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv)
+            qkv = layer.qkv(h)
             if lora is not None:
                 lora.add_delta(h, qkv, li, "qkv")
-            parts = [self._attend(qkv[p.tokens], p, k_cache[li], v_cache[li]) for p in plans]
-            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-            out = F.linear(attn, layer.o)
+            if ops.attention is not None:
+                attn = ops.attention(qkv, slots, positions, self.cos, self.sin, k_cache[li], v_cache[li],
+                                     s.num_heads, s.num_kv_heads)
+            else:
+                parts = [self._attend(qkv[p.tokens], p, k_cache[li], v_cache[li]) for p in plans]
+                attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+            out = layer.o(attn)
             if lora is not None:
                 lora.add_delta(attn, out, li, "o")
-            x = x + out
+            h = ops.add_rms_norm(x, out, layer.post_norm)               # x += out
 
-            h = F.rms_norm(x, (s.hidden_size,), layer.post_norm, s.rms_norm_eps)
-            gate_up = F.linear(h, layer.gate_up)
+            gate_up = layer.gate_up(h)
             if lora is not None:
                 lora.add_delta(h, gate_up, li, "gate_up")
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            out = F.linear(act, layer.down)
+            act = ops.silu_mul(gate_up)
+            out = layer.down(act)
             if lora is not None:
                 lora.add_delta(act, out, li, "down")
-            x = x + out
+            next_norm = self.layers[li + 1].input_norm if li + 1 < len(self.layers) else None
+            if next_norm is not None:
+                h = ops.add_rms_norm(x, out, next_norm)
+            else:
+                x.add_(out)
 
         if step.all_logits:
-            x = F.rms_norm(x, (s.hidden_size,), self.norm, s.rms_norm_eps)
-            return self.head(x).float()
-        last = F.rms_norm(x.index_select(0, step.last_index), (s.hidden_size,), self.norm, s.rms_norm_eps)
-        return self.head(last).float()
+            return self.head(ops.rms_norm(x, self.norm)).float()
+        return self.head(ops.rms_norm(x.index_select(0, step.last_index), self.norm)).float()
+

@@ -1,88 +1,188 @@
-"""An int8 LM head for CPUs without native bf16 (`quantize: lm_head_int8`).
+"""Base weights as the forward pass reads them: dense (fp32, bf16) or block-quantized (int8, int4).
 
-Why the LM head: it is a [576 -> 49152] projection, 21% of this model's
-weights, and on an AVX2 CPU fp32 is the only fast dtype. Every generated
-token pays for it: at batch 32 it took 50 ms of a ~280 ms decode step, at
-batch 1 16 ms, mostly reading 113 MB of fp32 weights. fbgemm's dynamic int8
-GEMM (activations quantized per call, weights per output row, int32
-accumulation) reads a quarter of the bytes and does it in 10 ms and 1.6 ms.
+`weights:` in the engine YAML picks one mode for the decoder projections and the LM head:
 
-Why only the LM head: the decoder layers' activations carry outlier
-channels (inputs to down_proj reach |x| ~ 3000 here), and per-tensor int8
-activations wreck them: quantizing every projection this way moved the
-next-token distribution by a KL of ~2.7 nats, and even with SmoothQuant-style
-rescaling by ~0.2. The final norm's output has no such outliers: the int8 head
-alone moves it by ~0.01 nats and agrees on the top token ~97% of the time
-(measured on the bundled model by `tests/engine/test_quant.py`, which pins the bound).
-Embeddings, layers, attention, KV cache and LoRA deltas stay in fp32.
+  fp32  every projection an fp32 `F.linear` (the reference mode; the PEFT comparisons run in it)
+  bf16  bf16 weights and activations (CPUs with native bf16, CUDA)
+  int8  Q8_0: int8 weights with one fp32 scale per 32 inputs, for projections and LM head
+  int4  Q4_1: 4-bit weights with a scale and a minimum per 32 inputs for the projections; the LM head in Q8_0
 
-Batch invariance. fbgemm's dynamic linear picks one activation scale per
-call from the whole batch, so a row's logits moved by up to 1.2 when a
-companion row joined, and greedy text alone matched batched text for 1 of 12
-held-out requests. `Int8Head` makes a row's logits independent of its
-companions in two steps, measured on the bundled model's final hidden states
-(302 positions of 8 chat prompts):
+The two block modes run npcd's kernel (npcd/engine/kernels/blockq.cpp), which
+quantizes each row's activations to int8 per block of 32 and accumulates in
+int32 per block: GGML's Q4_1 x Q8_1 and Q8_0 x Q8_0 arithmetic. Why these
+formats: the bundled model *is* a Q4_1 GGUF with a Q8_0 token embedding, so
+re-quantizing its dequantized weights recovers them exactly (tested), and the only
+loss is the activations' int8 rounding. Measured on the bundled model over 4 chat
+prompts (tests/engine/test_quant.py pins the gate, KL <= 0.02, top-1 >= 95%):
+int4 KL 0.005 nats/token, top-1 agreement 96.8%; int8 KL 0.009, 97.4%.
 
-* The activation range is pinned, not measured: a sentinel row holding +B and
-  -B joins every call, where B = sqrt(hidden) * max|final norm weight| bounds
-  any RMS-normalised row (|h_c| / rms(h) <= sqrt(hidden)). Every call then
-  quantizes with the same scale and zero point, and int32 accumulation is
-  exact, so the int8 logits of a row are bit-identical alone and batched.
-* The top `RESCORE_TOP_K` tokens of each row are then recomputed exactly in
-  fp32, as an elementwise product and sum over the hidden size (`torch.bmm`
-  here rounds differently by batch size; the product-sum does not). Greedy
-  decoding reads exact logits; sampling reads exact logits where almost all
-  the probability is and invariant int8 ones in the tail.
+Why per-block activation scales: one scale per call (fbgemm's dynamic int8) let the
+outlier channels of the down projection's input (|x| ~ 3000) wipe out the rest,
+moving the next-token distribution by ~2.7 nats, and made a row's result depend on
+its batch companions. With a scale per row and block, every output element is
+computed from its own row alone in a fixed order, so a line's text is the same
+alone and batched (bit-identical logits; tested).
 
-Against the fp32 head: KL 0.015 nats/token and top-1 agreement 100% with
-K=32 (per-call fbgemm alone: KL 0.014, top-1 96.4%, not invariant). Cost on
-the AVX2 development machine: 9 / 15 / 35 ms at batch 1 / 8 / 32 against 4 /
-7 / 18 ms for plain fbgemm and 12 / 50 / 91 ms for the fp32 head.
+One step's 210 projection GEMMs on the 2-core AVX2 development machine, ms
+(batch 1 / 8 / 32): fp32 `F.linear` 43.8 / 57.6 / 136; int4 kernel 9.5 / 35.6 /
+103; int8 kernel 10.0 / 32.2 / 111 (bench/kernels.py prints these for any machine).
+
+The LoRA deltas stay in floating point on top of the quantized base (QLoRA-style
+serving): bf16 weights with fp32 activations and accumulation in the block modes
+(`lora_dtype`), see npcd.engine.lora.
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
+
+from npcd.engine.kernels import LoadedKernel, load_cpu_kernels
+
+WEIGHT_MODES = ("fp32", "bf16", "int8", "int4")
+BLOCK = 32  # inputs per scale; the kernel's block
 
 
-def supported() -> bool:
-    """Whether this torch build has the x86/fbgemm dynamic int8 linear."""
-    return bool({"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines))
+def lora_dtype(mode: str) -> torch.dtype:
+    """The LoRA stacks' dtype. The block modes keep them in bf16: rank-64 adapters on all seven modules stream
+    65 MB each per step in fp32, more than the whole 4-bit base (57 MB), so 8 distinct adapters in a decode
+    step read 520 MB; bf16 halves that, and the shipped adapters are stored in bf16, so they lose nothing.
+    The kernel accumulates in fp32. fp32 mode keeps fp32 stacks: it is the reference the PEFT tests compare."""
+    return torch.bfloat16 if mode in ("int8", "int4") else dense_dtype(mode)
 
 
-def pack_int8(weight: torch.Tensor) -> torch.ScriptObject:
-    """[out, in] fp32 weight -> fbgemm packed int8 weight, symmetric per output row."""
-    w = weight.detach().float().contiguous()
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-    zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # quantized tensors are marked deprecated; the pinned torch has them
-        warnings.simplefilter("ignore")
-        q = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None)
+def dense_dtype(mode: str) -> torch.dtype:
+    """The activation (and dense weight) dtype of a weights mode: the block kernels take fp32."""
+    return torch.bfloat16 if mode == "bf16" else torch.float32
 
 
-RESCORE_TOP_K = 32  # tokens per row recomputed in fp32; K=16 gave KL 0.018, K=64 0.012 (cost grows with K)
+@dataclass
+class BlockWeight:
+    """A [N, K] weight in a block format. q4_1: `q` [N, K/2] uint8 nibbles (byte j of a block holds
+    element j low and j+16 high), `d`/`m` [N, K/32]; q8_0: `q` [N, K] int8, `d` [N, K/32], `m` empty."""
+
+    kind: str            # "q4_1" | "q8_0"
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.m))
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        if self.kind == "q4_1":
+            packed = self.q.view(n, k // BLOCK, BLOCK // 2)
+            q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+            return (q * self.d.unsqueeze(-1) + self.m.unsqueeze(-1)).view(n, k)
+        return (self.q.view(n, k // BLOCK, BLOCK).float() * self.d.unsqueeze(-1)).view(n, k)
 
 
-class Int8Head:
-    """A batch-invariant int8 LM head: [rows, hidden] fp32 -> [rows, vocab] fp32 logits.
+def quantize_q4_1(weight: torch.Tensor) -> BlockWeight:
+    """Per block of 32: d = (max - min) / 15, m = min, q = round((w - m) / d) in 0..15."""
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    low, high = blocks.amin(-1), blocks.amax(-1)
+    d = (high - low) / 15
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    q = ((blocks - low.unsqueeze(-1)) / d.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    packed = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)
+    return BlockWeight("q4_1", packed.reshape(n, k // 2).contiguous(), d.contiguous(), low.contiguous(), (n, k))
 
-    `weight` is the [vocab, hidden] head; `norm_weight` the final RMSNorm's scale,
-    which bounds the activations this head can ever see.
-    """
 
-    def __init__(self, weight: torch.Tensor, norm_weight: torch.Tensor):
+def quantize_q8_0(weight: torch.Tensor) -> BlockWeight:
+    """Per block of 32: d = max|w| / 127, q = round(w / d) in -127..127."""
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    q = (blocks / d.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return BlockWeight("q8_0", q.reshape(n, k).contiguous(), d.contiguous(), torch.empty(0), (n, k))
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel does to each row of x before the dot products, as a float reference (for tests)."""
+    rows, k = x.shape
+    blocks = x.float().reshape(rows, k // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return ((blocks * inv).round() * (amax / 127)).reshape(rows, k)
+
+
+Linear = Callable[[torch.Tensor], torch.Tensor]  # [n, K] -> [n, N]
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self.packed = pack_int8(weight)
-        hidden = weight.shape[1]
-        bound = float(norm_weight.abs().max()) * hidden ** 0.5
-        self.sentinel = torch.zeros(1, hidden, dtype=weight.dtype, device=weight.device)
-        self.sentinel[0, 0], self.sentinel[0, 1] = bound, -bound
+        self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.ops.quantized.linear_dynamic(torch.cat([x, self.sentinel]), self.packed, False)[:-1]
-        top = logits.topk(min(RESCORE_TOP_K, logits.shape[1]), dim=-1).indices          # [rows, K]
-        exact = (self.weight[top] * x.unsqueeze(1)).sum(-1)                              # [rows, K]
-        return logits.scatter_(1, top, exact)
+        return F.linear(x, self.weight)
+
+
+class BlockLinear:
+    """x [n, K] fp32 -> [n, N] fp32 through the block kernel."""
+
+    def __init__(self, weight: BlockWeight, kernel: LoadedKernel):
+        self.weight, self._op = weight, kernel.module.linear
+        self.nbytes = weight.nbytes
+        self._q4 = weight.kind == "q4_1"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return self._op(x.contiguous(), w.q, w.d, w.m, w.shape[0], self._q4)
+
+
+class WeightFactory:
+    """Turns dense [N, K] weights into the mode's linears; says which kernel each part got."""
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
+        self.mode, self.device, self.dtype = mode, device, dense_dtype(mode)
+        self.kernel: LoadedKernel | None = None
+        if mode in ("int8", "int4"):
+            from npcd.engine.kernels import why_unavailable
+
+            if device.type != "cpu":
+                raise RuntimeError(f"weights: {mode} runs on the CPU only (npcd's block kernel); "
+                                   f"use bf16 on {device}")
+            self.kernel = load_cpu_kernels()
+            if self.kernel is None:
+                raise RuntimeError(f"weights: {mode} needs npcd's block kernel, which cannot be built here: "
+                                   f"{why_unavailable()}; use weights: fp32 or auto")
+        # the fused glue between projections takes fp32 on the CPU: used in fp32 mode too where it builds
+        self.cpu_kernels = self.kernel or (load_cpu_kernels() if device.type == "cpu" and mode == "fp32" else None)
+        self.fallbacks = 0  # block-mode weights whose K is not a multiple of 32 (kept dense)
+
+    def linear(self, weight: torch.Tensor, kind: str) -> Linear:
+        """`kind`: "q4_1" or "q8_0", the block format this weight gets in a block mode."""
+        if self.kernel is None:
+            return DenseLinear(weight.to(device=self.device, dtype=self.dtype).contiguous())
+        if weight.shape[1] % BLOCK:
+            self.fallbacks += 1
+            return DenseLinear(weight.to(device=self.device, dtype=torch.float32).contiguous())
+        quantize = quantize_q4_1 if kind == "q4_1" else quantize_q8_0
+        return BlockLinear(quantize(weight), self.kernel)
+
+    def projection(self, weight: torch.Tensor) -> Linear:
+        return self.linear(weight, "q4_1" if self.mode == "int4" else "q8_0")
+
+    def head(self, weight: torch.Tensor) -> Linear:
+        return self.linear(weight, "q8_0")
+
+    def describe(self) -> dict[str, str]:
+        if self.kernel is None:
+            dense = f"{self.mode} linear"
+            return {"projections": dense, "lm_head": dense}
+        flags = " ".join(f.removeprefix("-m") for f in self.kernel.flags)
+        activations = f"int8 activations per row and block of 32, npcd blockq kernel ({flags})"
+        proj = "q4_1" if self.mode == "int4" else "q8_0"
+        note = f"; {self.fallbacks} weights kept fp32 (inputs not a multiple of 32)" if self.fallbacks else ""
+        return {"projections": f"{proj} weights x {activations}{note}", "lm_head": f"q8_0 weights x {activations}"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from npcd.engine.kv_cache import KVCache, PrefixCache
-from npcd.engine.lora import GatherCache, LoraBatch, LoraStacks
+from npcd.engine.lora import GatherCache, LoraBatch, LoraStacks, SegmentedLoraBatch
 from npcd.engine.model import LlamaModel, RowBlock, StepInputs
 from npcd.engine.scheduler import StepPlan
 
@@ -21,12 +21,14 @@ class ModelRunner:
         self.model, self.kv, self.stacks, self.device = model, kv, stacks, device
         self._prefix_cache = prefix_cache
         self._gathered = GatherCache()
-        self._lora_cache: tuple[tuple, LoraBatch | None] | None = None
+        self._lora_cache: tuple[tuple, LoraBatch | SegmentedLoraBatch] | None = None
+        # the segmented kernel where the model's ops have it (fp32 activations on the CPU; fp32 or bf16 stacks)
+        self._lora_add = model.ops.lora_add
         self.prompt_tokens = 0  # prefilled since start (prefix-cache hits excluded)
 
     @torch.no_grad()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [rows, vocab] of each row's last token, rows in `plan.rows` order."""
+        """Logits [rows, vocab] of each row's last token (of its chunk, for prefill rows), in `plan.rows` order."""
         blocks: list[RowBlock] = []
         tokens: list[int] = []
         row_slots: list[int] = []
@@ -38,11 +40,12 @@ class ModelRunner:
             tokens += [s.generated[-1] for s in plan.decode]
             row_slots += [s.lora_slot for s in plan.decode]
             last_index += range(len(plan.decode))
+        for slot, kv in plan.prefix_hits:
+            self.kv.write(slot, kv)
         if plan.prefill:
-            for slot, kv in plan.prefix_hits:
-                self.kv.write(slot, kv)
-            news = [seq.prompt[seq.cached:] for seq in plan.prefill]
-            blocks.append(self.prefill_block(news, [seq.cached for seq in plan.prefill], plan.start_slot))
+            news = [seq.prompt[start:end] for seq, (start, end) in zip(plan.prefill, plan.chunks)]
+            blocks.append(RowBlock.for_prompts(news, [start for start, _ in plan.chunks], plan.start_slot,
+                                                self.device))
             for seq, new in zip(plan.prefill, news):
                 tokens += new
                 row_slots += [seq.lora_slot] * len(new)
@@ -55,8 +58,8 @@ class ModelRunner:
             self._prefix_cache.put(key, self.kv.read(slot, length))
         for seq in plan.decode:
             seq.kv_len = seq.length
-        for seq in plan.prefill:
-            seq.kv_len = len(seq.prompt)
+        for seq, (_, end) in zip(plan.prefill, plan.chunks):
+            seq.kv_len = end
         return logits
 
     @torch.no_grad()
@@ -65,28 +68,19 @@ class ModelRunner:
         row_slots = [slot for slot, p in zip(lora_slots, prompts) for _ in p]
         lengths = torch.tensor([len(p) for p in prompts])
         step = StepInputs(tokens=torch.tensor([t for p in prompts for t in p], device=self.device),
-                          blocks=[self.prefill_block(prompts, [0] * len(prompts), 0)],
+                          blocks=[RowBlock.for_prompts(prompts, [0] * len(prompts), 0, self.device)],
                           last_index=(lengths.cumsum(0) - 1).to(self.device), lora=self.lora_for(row_slots),
                           all_logits=True)
         logits = self.model.forward(step, self.kv.k, self.kv.v)
         return list(logits.split(lengths.tolist()))
 
-    def lora_for(self, row_slots: list[int]) -> LoraBatch | None:
+    def lora_for(self, row_slots: list[int]) -> LoraBatch | SegmentedLoraBatch | None:
         """The LoRA batch for these per-token adapter slots (-1 = base); reused while the rows are unchanged."""
         if all(s < 0 for s in row_slots):
             return None
         key = (tuple(row_slots), self.stacks.generation)
         if self._lora_cache is None or self._lora_cache[0] != key:
-            self._lora_cache = (key, LoraBatch(row_slots, self.stacks, self._gathered))
+            batch = SegmentedLoraBatch(row_slots, self.stacks, self._lora_add) if self._lora_add is not None \
+                else LoraBatch(row_slots, self.stacks, self._gathered)
+            self._lora_cache = (key, batch)
         return self._lora_cache[1]
-
-    def prefill_block(self, news: list[list[int]], starts: list[int], slot_start: int) -> RowBlock:
-        """Rows of new tokens (row i continues at position starts[i]), padded to the longest for attention."""
-        T = max(len(t) for t in news)
-        lengths = torch.tensor([len(t) for t in news])
-        first = torch.tensor(starts)
-        packed = None
-        if any(len(t) != T for t in news):
-            packed = (torch.arange(T) < lengths.view(-1, 1)).view(-1).nonzero().view(-1).to(self.device)
-        return RowBlock(slot_start=slot_start, positions=(first.view(-1, 1) + torch.arange(T)).to(self.device),
-                        kv_len=int((first + lengths).max()), packed=packed)

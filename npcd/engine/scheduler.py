@@ -2,10 +2,19 @@
 
 The scheduler makes every decision of a step and touches no tensor but to
 move a finished row's keys: which waiting requests are admitted (priority
-first, then arrival; a KV slot free, the adapter resident, the step's prefill
-token budget not exceeded), which running rows decode, which KV slot each
-row owns, and which persona prefixes are served from the prefix cache. The
-runner executes the plan; the postprocessor turns logits into text.
+first, then arrival; a KV slot free, the adapter resident, room left in the
+step's prefill token budget), which running rows decode, which KV slot each
+row owns, which part of each prompt is prefilled in this step, and which
+persona prefixes are served from the prefix cache. The runner executes the
+plan; the postprocessor turns logits into text.
+
+Chunked prefill: a step computes at most `prefill_token_budget` prompt tokens,
+so a long prompt (a 900-token history) is prefilled over several steps while
+the running lines keep decoding, and no step waits on more than one budget.
+`running` holds the rows that decode first and the rows still prefilling after
+them, so each kind is a contiguous range of KV slots; the budget goes to the
+prefilling rows in slot order, then to newcomers, so the rows that get a chunk
+are contiguous too, and those that finish their prompt join the decoding range.
 
 Player-facing lines go before ambient barks; within a priority, first come
 first served.
@@ -59,23 +68,23 @@ class WaitingQueue(Generic[W]):
         return [w for _, _, w in self._heap if not w.done]
 
     def admit(self, free_slots: int, token_budget: int, can_run: Callable[[W], bool]) -> list[W]:
-        """Pops, in priority order, the items that fit this step; the others keep their place."""
+        """Pops, in priority order, the items that start in this step; the others keep their place.
+
+        Items are taken while the budget has room: the last one may get only the first chunk of its
+        prompt (prefill packs prompts, so a step costs the sum of their tokens, not rows x longest)."""
         chosen: list[W] = []
         kept: list[tuple[int, int, W]] = []
-        tokens = 0  # prefill packs prompts, so a step costs the sum of their tokens, not rows x longest
-        while self._heap and len(chosen) < free_slots:
+        tokens = 0
+        while self._heap and len(chosen) < free_slots and tokens < token_budget:
             entry = heapq.heappop(self._heap)
             item = entry[2]
             if item.done:
                 continue
-            if chosen and tokens + item.prefill_tokens > token_budget:
-                kept.append(entry)
-                break
             if not can_run(item):
                 kept.append(entry)
                 continue
             chosen.append(item)
-            tokens += item.prefill_tokens
+            tokens += min(item.prefill_tokens, token_budget - tokens)
         for entry in kept:
             heapq.heappush(self._heap, entry)
         self._live -= len(chosen)
@@ -86,15 +95,23 @@ class WaitingQueue(Generic[W]):
 class StepPlan:
     """What one forward pass computes. Rows keep this order in the logits: decode, then prefill."""
 
-    decode: list[Sequence]                                   # running rows, KV slots 0..len-1, one token each
-    prefill: list[Sequence]                                  # newcomers, in the KV slots after the running rows
-    start_slot: int                                          # KV slot of the first newcomer
+    decode: list[Sequence]                                   # decoding rows, KV slots 0..len-1, one token each
+    prefill: list[Sequence]                                  # rows prefilling a chunk, in the KV slots after
+    start_slot: int                                          # KV slot of the first prefill row
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # per prefill row: prompt[start:end] this step
     prefix_hits: list[tuple[int, PrefixKV]] = field(default_factory=list)   # (slot, KV) to copy in first
     prefix_misses: list[tuple[int, tuple, int]] = field(default_factory=list)  # (slot, key, length) to keep
 
     @property
     def rows(self) -> list[Sequence]:
         return self.decode + self.prefill
+
+    @property
+    def sampled(self) -> list[int]:
+        """Indices into `rows` that get a token: decode rows and prefill rows whose prompt ends in this step."""
+        done = [len(self.decode) + i for i, (seq, (_, end)) in enumerate(zip(self.prefill, self.chunks))
+                if end == len(seq.prompt)]
+        return list(range(len(self.decode))) + done
 
 
 class Scheduler:
@@ -121,21 +138,27 @@ class Scheduler:
         return [s for s in self.running + self.waiting.waiting()
                 if s.request.deadline is not None and now >= s.request.deadline]
 
+    @property
+    def decoding(self) -> int:
+        """Running rows that have their whole prompt in the cache (slots 0..decoding-1)."""
+        return sum(1 for seq in self.running if seq.prefilled)
+
     def schedule(self, now: float) -> StepPlan | None:
         """The next step, or None when there is nothing to run.
 
-        `alternate` prefills newcomers in a step of their own and then owes the running rows a
-        decode step; `eager` prefills whenever requests wait; `mixed` decodes every running row
-        and prefills the newcomers in the same forward, so nobody waits for anybody's prompt.
+        `alternate` prefills in a step of its own and then owes the running rows a decode step;
+        `eager` prefills whenever there is prompt work; `mixed` decodes every decoding row and
+        prefills in the same forward, so nobody waits for anybody's prompt.
         """
+        decoding = self.decoding
+        prefilling = self.running[decoding:]
+        decode_owed = self._policy == "alternate" and self._last_was_prefill and decoding > 0
+        budget = 0 if decode_owed else self._token_budget
         newcomers: list[Sequence] = []
-        decode_owed = self._policy == "alternate" and self._last_was_prefill and self.running
-        if len(self.waiting) and not decode_owed:
-            newcomers = self.waiting.admit(self._kv.slots - len(self.running), self._token_budget, self._can_run)
-        if not newcomers and not self.running:
-            return None
-        decode = list(self.running) if self._policy == "mixed" or not newcomers else []
-        plan = StepPlan(decode=decode, prefill=newcomers, start_slot=len(self.running))
+        if len(self.waiting) and budget > sum(len(seq.prompt) - seq.kv_len for seq in prefilling):
+            left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling)
+            newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._can_run)
+        plan = StepPlan(decode=[], prefill=[], start_slot=decoding)
         for seq in newcomers:
             seq.scheduled_at = now
             slot = len(self.running)
@@ -146,20 +169,45 @@ class Scheduler:
             kv = self._prefix_cache.get(key)
             if kv is not None:
                 plan.prefix_hits.append((slot, kv))
-                seq.cached = seq.request.prefix_len
+                seq.cached = seq.kv_len = seq.request.prefix_len
             else:
-                plan.prefix_misses.append((slot, key, seq.request.prefix_len))
-        self._last_was_prefill = bool(newcomers)
+                seq.pending_prefix = key
+        for slot in range(decoding, len(self.running)):
+            seq = self.running[slot]
+            take = min(len(seq.prompt) - seq.kv_len, budget)
+            if take <= 0:
+                break  # budget spent: this row and the ones after it wait for the next step
+            budget -= take
+            plan.prefill.append(seq)
+            plan.chunks.append((seq.kv_len, seq.kv_len + take))
+            if seq.pending_prefix is not None and seq.kv_len + take >= seq.request.prefix_len:
+                plan.prefix_misses.append((slot, seq.pending_prefix, seq.request.prefix_len))
+                seq.pending_prefix = None
+        if self._policy == "mixed" or not plan.prefill:
+            plan.decode = self.running[:decoding]
+        if not plan.decode and not plan.prefill:
+            return None
+        self._last_was_prefill = bool(plan.prefill)
         return plan
 
     def remove(self, seq: Sequence) -> None:
-        """Takes a finished sequence out: frees its KV slot (the last row moves into it) or its queue place."""
+        """Takes a finished sequence out: frees its KV slot or its queue place.
+
+        No holes: the last row of its range (decoding or prefilling) moves into its slot (one copy of
+        that row's keys), and a decoding row's freed range end is filled by the last prefilling row."""
         if seq not in self.running:
             self.waiting.discard(seq)
             return
-        slot, last = self.running.index(seq), len(self.running) - 1
-        if slot != last:
-            moved = self.running[last]
-            self._kv.move(last, slot, moved.kv_len)
-            self.running[slot] = moved
+        slot = self.running.index(seq)
+        if seq.prefilled:
+            last_decoding = self.decoding - 1
+            self._move(last_decoding, slot)
+            slot = last_decoding
+        self._move(len(self.running) - 1, slot)
         self.running.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        if src != dst:
+            moved = self.running[src]
+            self._kv.move(src, dst, moved.kv_len)
+            self.running[dst] = moved

@@ -25,6 +25,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cached: int = 0               # prompt tokens whose KV came from the prefix cache
     kv_len: int = 0               # tokens whose KV is in the sequence's slot
+    pending_prefix: tuple | None = None  # prefix-cache key to store once its tokens are prefilled
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
     done: bool = False
@@ -44,6 +45,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.generated)
+
+    @property
+    def prefilled(self) -> bool:
+        """Its whole prompt is in the KV cache: it decodes from now on."""
+        return self.kv_len >= len(self.request.prompt_ids)
 
     @property
     def lora_slot(self) -> int:

@@ -123,7 +123,7 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=self.registry)
         self.inter_token = Histogram("npcd_inter_token_seconds", "Time between two text deltas of one request.",
                                      buckets=INTER_TOKEN_BUCKETS, registry=self.registry)
-        Info("npcd_engine", "The resolved fast path: device, dtype, quantize mode, kernels, prefill policy, threads.",
+        Info("npcd_engine", "The resolved fast path: device, weights mode and why, dtype, kernels, prefill policy, threads.",
              registry=self.registry).info(engine_labels(engine))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)

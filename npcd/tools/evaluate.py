@@ -223,7 +223,7 @@ def engine_config(path: Path | None, *, batch: int, adapters: int, threads: int)
     """
     from npcd.engine.config import EngineConfig
 
-    config = EngineConfig.from_yaml(path) if path else EngineConfig(dtype="float32", quantize="none")
+    config = EngineConfig.from_yaml(path) if path else EngineConfig(weights="fp32")
     return config.replace(max_batch_size=max(config.max_batch_size, min(batch, 1024)),
                           max_queue=max(config.max_queue, batch),
                           max_resident_adapters=max(config.max_resident_adapters, adapters),

@@ -85,7 +85,7 @@ def test_say_local_starts_its_own_daemon(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "p").mkdir()
     write_persona(tmp_path / "p", "elf")
     engine = tmp_path / "engine.yaml"
-    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 2\nthreads: 2\n")
+    engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 2\nthreads: 2\n")
     assert cli.main(["say", "elf", "Hi", "--local", "--personas", str(tmp_path / "p"), "--engine", str(engine),
                      "--max-tokens", "4"]) == 0
     assert "[length, 4 tokens" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def daemon_files(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path,
     for name in LORA_PERSONAS:
         write_persona(personas, name, adapter=tiny_adapters[name])
     engine = root / "engine.yaml"
-    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 16\n"
+    engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 16\n"
                       "max_seq_len: 1024\nthreads: 2\n")
     return personas, engine, ["plain", *LORA_PERSONAS]
 

@@ -395,7 +395,7 @@ def test_real_model_matches_transformers(real_model_dir):
 
     from npcd.engine.config import EngineConfig
 
-    engine = Engine(EngineConfig(dtype="float32", quantize="none", device="cpu", max_batch_size=2, max_seq_len=128))
+    engine = Engine(EngineConfig(weights="fp32", device="cpu", max_batch_size=2, max_seq_len=128))
     chat = [{"role": "system", "content": "You are a bitter forest elf."}, {"role": "user", "content": "Who are you?"}]
     prompt = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
@@ -426,6 +426,6 @@ def test_a_tick_is_admitted_atomically(engine):
 
 def test_engine_describes_the_fast_path_it_resolved(tiny_config):
     described = Engine(tiny_config).describe()
-    assert described["device"] == "cpu" and described["dtype"] == "float32" and described["quantize"] == "none"
+    assert described["device"] == "cpu" and described["dtype"] == "float32" and described["weights"] == "fp32"
     assert described["prefill_policy"] == tiny_config.prefill_policy and described["threads"] == 2
-    assert described["kernels"]["lm_head"] == "float32 linear" and described["cpu_capability"]
+    assert described["kernels"]["lm_head"] == "fp32 linear" and described["cpu_capability"]

@@ -12,7 +12,16 @@ import random
 import pytest
 import torch
 
-from npcd.engine.lora import GROUPS, GatherCache, LoraBatch, LoraStacks, plan_buckets, split_cost_rows
+from npcd.engine.kernels import load_cpu_kernels, why_unavailable
+from npcd.engine.lora import (
+    GROUPS,
+    GatherCache,
+    LoraBatch,
+    LoraStacks,
+    SegmentedLoraBatch,
+    plan_buckets,
+    split_cost_rows,
+)
 
 # Small shapes with the real structure: q/k/v and gate/up fused, k/v narrower, down wider in than out.
 SHAPES = {"q_proj": (24, 24), "k_proj": (24, 8), "v_proj": (24, 8), "o_proj": (24, 24),
@@ -74,10 +83,19 @@ def reference(adapters: dict[int, Adapter], row_slots: list[int], x: torch.Tenso
     return delta
 
 
-def check(adapters: dict[int, Adapter], stacks: LoraStacks, row_slots: list[int], split_cost: float | None,
+SEGMENTED = "segmented"  # as split_cost: the CPU kernel instead of the bucketed operator
+
+
+def make_batch(stacks: LoraStacks, row_slots: list[int], split_cost: float | str | None):
+    if split_cost == SEGMENTED:
+        return SegmentedLoraBatch(row_slots, stacks, load_cpu_kernels().module.lora_add)
+    return LoraBatch(row_slots, stacks, GatherCache(), split_cost)
+
+
+def check(adapters: dict[int, Adapter], stacks: LoraStacks, row_slots: list[int], split_cost: float | str | None,
           operator_slots: list[int] | None = None) -> None:
     """add_delta on every layer and group equals base + reference delta, to fp32 rounding."""
-    batch = LoraBatch(operator_slots or row_slots, stacks, GatherCache(), split_cost)
+    batch = make_batch(stacks, operator_slots or row_slots, split_cost)
     gen = torch.Generator().manual_seed(len(row_slots))
     for layer, group in itertools.product(range(LAYERS), GROUPS):
         x = torch.randn(len(row_slots), SHAPES[GROUPS[group][0]][0], generator=gen)
@@ -114,7 +132,12 @@ MIXES = {
 }
 
 
-@pytest.mark.parametrize("split_cost", [None, 0.0, 1e9], ids=["measured", "every_segment_alone", "one_padded"])
+needs_kernel = pytest.mark.skipif(why_unavailable() is not None, reason=f"CPU kernels: {why_unavailable()}")
+PLANS = [None, 0.0, 1e9, pytest.param(SEGMENTED, marks=needs_kernel)]
+PLAN_IDS = ["measured", "every_segment_alone", "one_padded", "segmented_kernel"]
+
+
+@pytest.mark.parametrize("split_cost", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("mix", MIXES)
 def test_operator_matches_the_per_row_loop(adapters, stacks, mix, split_cost):
     check(adapters, stacks, MIXES[mix], split_cost)
@@ -126,9 +149,37 @@ def test_the_comparison_catches_a_misrouted_row(adapters, stacks):
     swapped = rows.copy()
     i, j = next((i, j) for i, j in itertools.combinations(range(len(rows)), 2) if rows[i] != rows[j])
     swapped[i], swapped[j] = swapped[j], swapped[i]
-    for split_cost in (None, 0.0, 1e9):
+    for split_cost in (None, 0.0, 1e9) + ((SEGMENTED,) if why_unavailable() is None else ()):
         with pytest.raises(AssertionError):
             check(adapters, stacks, rows, split_cost, operator_slots=swapped)
+
+
+@needs_kernel
+def test_segmented_kernel_reads_bf16_stacks(adapters):
+    """The block modes keep the stacks in bf16: the kernel equals the loop over bf16-rounded adapters."""
+    rounded = {slot: {key: (a.bfloat16().float(), b.bfloat16().float()) for key, (a, b) in tensors.items()}
+               for slot, tensors in adapters.items()}
+    st = LoraStacks(SHAPES, LAYERS, SLOTS, torch.bfloat16, torch.device("cpu"))
+    for slot, tensors in adapters.items():
+        st.write(slot, tensors)
+    for mix in ("zipf", "skewed", "decode_and_prompt", "none_interleaved"):
+        check(rounded, st, MIXES[mix], SEGMENTED)
+
+
+@needs_kernel
+def test_segmented_kernel_gives_a_row_the_same_delta_alone_and_batched(stacks):
+    """Bit for bit: behind int8 activations, any rounding that depends on the batch changes lines."""
+    rows = MIXES["zipf"]
+    gen = torch.Generator().manual_seed(9)
+    for layer, group in itertools.product(range(LAYERS), GROUPS):
+        x = torch.randn(len(rows), SHAPES[GROUPS[group][0]][0], generator=gen)
+        width = sum(SHAPES[m][1] for m in GROUPS[group])
+        batched = torch.zeros(len(rows), width)
+        make_batch(stacks, rows, SEGMENTED).add_delta(x, batched, layer, group)
+        for i, slot in enumerate(rows):
+            alone = torch.zeros(1, width)
+            make_batch(stacks, [slot], SEGMENTED).add_delta(x[i:i + 1], alone, layer, group)
+            assert torch.equal(alone[0], batched[i]), (layer, group, i)
 
 
 def test_plan_buckets_is_optimal():

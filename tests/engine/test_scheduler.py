@@ -1,9 +1,15 @@
-"""Admission: priority order, free slots, and the prefill token budget counted in real (packed) tokens."""
+"""Admission: priority order, free slots, and the prefill token budget counted in real (packed) tokens;
+chunked prefill through a real engine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
+from npcd.engine.api import GenerationRequest, SamplingParams, TextDelta
+from npcd.engine.engine import Engine
+from npcd.engine.kernels import why_unavailable
 from npcd.engine.scheduler import WaitingQueue
 
 
@@ -19,17 +25,18 @@ def test_budget_counts_the_sum_of_prompt_tokens_and_keeps_the_rest_in_order():
     s: WaitingQueue[Item] = WaitingQueue(max_queue=8)
     for item in (Item("a", 60), Item("b", 30), Item("c", 20), Item("d", 5)):
         s.push(item)
-    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["a", "b"]  # 60 + 30; c would make 110
-    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["c", "d"]
+    # 60 + 30, then c starts with the budget's last 10 tokens (its first chunk); d waits
+    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["a", "b", "c"]
+    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["d"]
     assert len(s) == 0
+    assert s.admit(8, 0, lambda i: True) == []
 
 
-def test_an_oversized_prompt_still_runs_alone_and_players_go_first():
+def test_an_oversized_prompt_starts_in_chunks_and_players_go_first():
     s: WaitingQueue[Item] = WaitingQueue(max_queue=8)
     s.push(Item("long", 500))
     s.push(Item("player", 10, priority=1))
-    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["player"]
-    assert [i.name for i in s.admit(1, 100, lambda i: True)] == ["long"]
+    assert [i.name for i in s.admit(8, 100, lambda i: True)] == ["player", "long"]
 
 
 def test_free_slots_and_unrunnable_items():
@@ -38,3 +45,41 @@ def test_free_slots_and_unrunnable_items():
         s.push(Item(name, 10))
     assert [i.name for i in s.admit(2, 1000, lambda i: i.name != "a")] == ["b", "c"]
     assert [i.name for i in s.admit(2, 1000, lambda i: True)] == ["a"]
+
+
+needs_kernel = pytest.mark.skipif(why_unavailable() is not None, reason=f"CPU kernels: {why_unavailable()}")
+
+
+@needs_kernel
+def test_a_long_prompt_is_prefilled_in_chunks_while_a_line_keeps_decoding(tiny_config):
+    """Budget 32: a 200-token history (with a 40-token persona prefix) takes 7 steps of prompt work, the
+    running line gets a token in every one of them, and both texts equal what each gives alone. int4
+    weights: every operator of a row is independent of its step's other rows, so they are exactly equal."""
+    engine = Engine(tiny_config.replace(weights="int4", prefill_token_budget=32))
+    history = [(7 * i) % 900 + 20 for i in range(200)]
+    long_req = lambda rid: GenerationRequest(rid, history, SamplingParams(max_tokens=6, temperature=0.0),  # noqa: E731
+                                             prefix_len=40)
+    short_req = lambda rid: GenerationRequest(rid, [5, 6, 7, 8], SamplingParams(max_tokens=30, temperature=0.0,  # noqa: E731
+                                                                                 ignore_eos=True))
+    alone = {r.request_id[:-1]: r.text for r in (engine.generate([long_req("longA")])[0],
+                                                 engine.generate([short_req("shortA")])[0])}
+    engine.prefix_cache.drop_version(None)  # the long prompt's prefix must be computed again, in chunks
+
+    events: dict[str, list] = {"long": [], "short": []}
+    engine.submit(short_req("short"), events["short"].append)
+    engine.step()                          # the short line's prompt; it decodes from the next step on
+    engine.submit(long_req("long"), events["long"].append)
+    prompt_work, short_tokens = [], []
+    while engine.has_work():
+        before, generated = engine.runner.prompt_tokens, len(engine.by_id["short"].generated) \
+            if "short" in engine.by_id else None
+        engine.step()
+        prompt_work.append(engine.runner.prompt_tokens - before)
+        if generated is not None and "short" in engine.by_id:
+            short_tokens.append(len(engine.by_id["short"].generated) - generated)
+    chunked = [w for w in prompt_work if w]
+    assert chunked == [32] * 6 + [8], prompt_work          # 200 tokens in chunks of at most one budget
+    assert all(t == 1 for t in short_tokens[:len(chunked)])  # the running line never waited for the prompt
+    texts = {name: "".join(e.text for e in evs if isinstance(e, TextDelta)) for name, evs in events.items()}
+    assert texts == {"long": alone["long"], "short": alone["short"]}
+    assert engine.prefix_cache.get((None, tuple(history[:40]))) is not None  # stored once its chunk was done

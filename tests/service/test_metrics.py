@@ -31,7 +31,7 @@ NPCD_SAMPLES = {
     "npcd_engine_info",
 }
 DESCRIBED = {"backend": "torch", "model": "/models/tiny", "device": "cpu", "cpu": "AMD EPYC", "cpu_capability": "AVX2",
-             "dtype": "bfloat16", "quantize": "int8",
+             "dtype": "float32", "weights": "int4",
              "kernels": {"projections": "int8 matmul", "lm_head": "bfloat16 linear"},
              "prefill_policy": "mixed", "threads": 2, "max_batch_size": 32, "max_seq_len": 1024}
 SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
@@ -138,7 +138,7 @@ def test_engine_info_states_the_resolved_fast_path(served):
     _, server, _, _ = served
     (labels,) = [labels for name, labels, _ in samples(fetch(server.address)) if name == "npcd_engine_info"]
     assert labels == {"backend": "torch", "model": "/models/tiny", "device": "cpu", "cpu": "AMD EPYC",
-                      "cpu_capability": "AVX2", "dtype": "bfloat16", "quantize": "int8",
+                      "cpu_capability": "AVX2", "dtype": "float32", "weights": "int4",
                       "kernel_projections": "int8 matmul", "kernel_lm_head": "bfloat16 linear",
                       "prefill_policy": "mixed", "threads": "2", "max_batch_size": "32", "max_seq_len": "1024"}
 

@@ -20,7 +20,7 @@ def start_daemon(tmp_path, tiny_model_dir, *extra: str) -> tuple[subprocess.Pope
     personas.mkdir()
     write_persona(personas, "plain")
     engine = tmp_path / "engine.yaml"
-    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\ndevice: cpu\nmax_batch_size: 8\n"
+    engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 8\n"
                       "max_seq_len: 1024\nthreads: 2\n")
     # No npcd.yaml in tmp_path: everything comes from the flags.
     return spawn_daemon(personas, engine, tmp_path, *extra, timeout_s=120)

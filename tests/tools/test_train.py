@@ -77,7 +77,7 @@ def test_the_engine_reads_the_trained_adapter(tiny_model_dir, persona_path, tmp_
     persona = load_persona(persona_path, require_adapter=False)
     out = tmp_path / "elf"
     train.train_adapter(persona, config(tiny_model_dir, steps=1), out, progress=False)
-    engine = Engine(EngineConfig(base=str(tiny_model_dir), dtype="float32", quantize="none", device="cpu", max_batch_size=2,
+    engine = Engine(EngineConfig(base=str(tiny_model_dir), weights="fp32", device="cpu", max_batch_size=2,
                                  max_seq_len=128, threads=2))
     info = engine.load_adapter("forest_elf", str(out))
     assert info.rank == 4 and set(info.target_modules) == {"q_proj", "v_proj", "down_proj"}

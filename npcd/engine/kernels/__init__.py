@@ -1,0 +1,74 @@
+"""npcd's own CPU kernels, compiled once per machine kind and cached.
+
+`blockq.cpp` is the block-quantized linear, `decode.cpp` the fused glue of an fp32
+step (norms, SiLU, rotary embedding, attention), `lora.cpp` the segmented
+mixed-adapter LoRA delta; each file's header says what it computes and why PyTorch's own paths
+were not enough. They are one extension, built with torch's C++ extension loader at the first
+start that needs it, with the ISA flags this CPU has, into
+`<npcd cache>/kernels/<flags>-<sources hash>-torch<version>`; later starts load the
+cached library in well under a second. A machine without a C++ compiler, or without
+AVX2/FMA, gets `None` and the engine falls back to PyTorch's dense kernels (and says
+so in its startup log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from npcd.engine.platform import cpu_flags
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp"))
+# The flags that change the generated code; a cache directory is specific to them.
+ISA_FLAGS = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"}
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    module: ModuleType
+    flags: tuple[str, ...]
+    build_s: float   # 0.0 when the cached build was loaded
+    path: Path
+
+
+def why_unavailable() -> str | None:
+    """None when the block kernel can be built here, else the reason it cannot."""
+    missing = [f for f in ("avx2", "fma") if f not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler (c++ / g++) on PATH"
+    try:
+        import ninja  # noqa: F401  (torch's extension loader drives the build with it)
+    except ImportError:
+        return "the ninja package is missing (pip install ninja)"
+    return None
+
+
+@cache
+def load_cpu_kernels() -> LoadedKernel | None:
+    """The compiled extension, or None where `why_unavailable()` says why not."""
+    if why_unavailable() is not None:
+        return None
+    import torch
+    from torch.utils import cpp_extension
+
+    from npcd.engine.weights import cache_root
+
+    have = cpu_flags()
+    flags = tuple(flag for name, flag in ISA_FLAGS.items() if name in have)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()).hexdigest()[:12]
+    tag = "-".join(f.removeprefix("-m") for f in flags)
+    build_dir = cache_root() / "kernels" / f"{tag}-{digest}-torch{torch.__version__.replace('+', '_')}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cached = any(build_dir.glob("*.so"))
+    start = time.perf_counter()
+    module = cpp_extension.load(name=f"npcd_cpu_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build_dir),
+                                extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+    return LoadedKernel(module=module, flags=flags, build_s=0.0 if cached else time.perf_counter() - start,
+                        path=build_dir)

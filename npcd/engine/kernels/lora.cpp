@@ -1,0 +1,191 @@
+// The mixed-adapter LoRA delta as one segmented CPU kernel (Punica's SGMV idea, fp32).
+//
+// Semantics (one layer, one projection group; R the stack rank, scale folded into B):
+//   for every row i with slot a = slots[i] >= 0, for each member m with columns
+//   [off_m, off_m + out_m) of the fused output:
+//     h[i, c]           = sum_k x[i, k] * A[a, k, c]                      c < members * R
+//     out[i, off_m + j] += sum_r h[i, m*R + r] * B_m[a, r, j]
+// Shapes: x [n, in], out [n, sum out_m], A [slots, in, members*R], B_m [slots, R, out_m], slots [n].
+//
+// Why a kernel: PyTorch on the CPU has no segmented GEMM, so npcd.engine.lora pads
+// segments into batched matmuls and gathers rows; those matmuls round differently
+// with the batch's shape, and behind int8 activations that flipped 5 of 8 greedy
+// lines with adapters between alone and batched. Here every output element is a sum
+// in a fixed order (k ascending, then r ascending) whatever the batch holds, rows
+// are read where they are (no gather, no padding), and an adapter's A and B are
+// streamed once per step for all its rows: rows of one slot are processed together,
+// in tiles of kRows sharing each weight load.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kRows = 4;   // rows of one slot sharing each weight load
+constexpr int64_t kCols = 8;  // output columns per task unit (one 8-lane vector)
+
+// Weights are fp32 or bf16 (bf16 halves the bytes every step streams; the bundled
+// adapters are stored in bf16, so nothing is lost for them).
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+#endif
+
+// dst[i][c0..c0+w) = sum_k src_i[k] * W[k, c0..c0+w)  (W row-major, row stride ld), i < rows
+// `accumulate`: dst += instead of =. Per element: a fixed k-ascending FMA chain.
+template <int kR, typename TW>
+inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0, int64_t w,
+                       float* const* dst, bool accumulate) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (w == kCols) {
+    __m256 acc[kR];
+    for (int i = 0; i < kR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 wv = load8(W + k * ld + c0);
+      for (int i = 0; i < kR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(src[i][k]), wv, acc[i]);
+    }
+    for (int i = 0; i < kR; ++i) {
+      float* d = dst[i] + c0;
+      _mm256_storeu_ps(d, accumulate ? _mm256_add_ps(_mm256_loadu_ps(d), acc[i]) : acc[i]);
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < kR; ++i)
+    for (int64_t c = c0; c < c0 + w; ++c) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s = std::fma(src[i][k], to_float(W[k * ld + c]), s);
+      dst[i][c] = accumulate ? dst[i][c] + s : s;
+    }
+}
+
+// rows_times over a slot's rows, kRows at a time, then one at a time.
+template <typename TW>
+inline void segment_times(const std::vector<const float*>& src, const TW* W, int64_t ld, int64_t K, int64_t c0,
+                          int64_t w, const std::vector<float*>& dst, bool accumulate) {
+  size_t i = 0;
+  for (; i + kRows <= src.size(); i += kRows) rows_times<kRows>(&src[i], W, ld, K, c0, w, &dst[i], accumulate);
+  for (; i < src.size(); ++i) rows_times<1>(&src[i], W, ld, K, c0, w, &dst[i], accumulate);
+}
+
+template <typename TW>
+const TW* weights_of(const torch::Tensor& t) {
+  return reinterpret_cast<const TW*>(t.data_ptr());
+}
+
+template <typename TW>
+void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A, const std::vector<torch::Tensor>& Bs,
+              const torch::Tensor& slots) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous fp32 [n, in]");
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.scalar_type() == torch::kFloat32 && out.size(0) == x.size(0),
+              "out must be fp32 [n, out] with contiguous rows");
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous() && A.size(1) == x.size(1), "A must be contiguous [slots, in, members*R]");
+  for (const auto& B : Bs) TORCH_CHECK(B.scalar_type() == A.scalar_type(), "A and every B must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.numel() == x.size(0), "slots must be [n] int64");
+  const int64_t n = x.size(0), K = x.size(1), C = A.size(2), members = static_cast<int64_t>(Bs.size());
+  TORCH_CHECK(members > 0 && C % members == 0, "A's columns must hold members * R");
+  const int64_t R = C / members;
+  int64_t total_out = 0;
+  for (const auto& B : Bs) {
+    TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.size(0) == A.size(0) && B.size(1) == R,
+                "each B must be contiguous [slots, R, out_m]");
+    total_out += B.size(2);
+  }
+  TORCH_CHECK(total_out == out.size(1), "the members' widths must add up to out's columns");
+
+  // rows grouped by slot, in row order within a slot
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  std::map<int64_t, std::vector<int64_t>> by_slot;
+  for (int64_t i = 0; i < n; ++i) {
+    if (sp[i] < 0) continue;
+    TORCH_CHECK(sp[i] < A.size(0), "slot ", sp[i], " exceeds the stacks' slots");
+    by_slot[sp[i]].push_back(i);
+  }
+  if (by_slot.empty()) return;
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> segments(by_slot.begin(), by_slot.end());
+
+  std::vector<float> h(n * C, 0.0f);
+  const float* xp = x.data_ptr<float>();
+  const TW* ap = weights_of<TW>(A);
+  float* op = out.data_ptr<float>();
+  const int64_t ldo = out.stride(0);
+
+  // shrink: units (segment, column block of h)
+  const int64_t h_blocks = (C + kCols - 1) / kCols;
+  at::parallel_for(0, static_cast<int64_t>(segments.size()) * h_blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const auto& [slot, rows] = segments[u / h_blocks];
+      const int64_t c0 = (u % h_blocks) * kCols;
+      std::vector<const float*> src;
+      std::vector<float*> dst;
+      for (int64_t r : rows) {
+        src.push_back(xp + r * K);
+        dst.push_back(h.data() + r * C);
+      }
+      segment_times(src, ap + slot * K * C, C, K, c0, std::min(kCols, C - c0), dst, false);
+    }
+  });
+
+  // expand: units (segment, member, column block of that member's output)
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> units;  // segment, member, c0
+  std::vector<int64_t> offsets;
+  int64_t off = 0;
+  for (int64_t m = 0; m < members; ++m) {
+    offsets.push_back(off);
+    off += Bs[m].size(2);
+  }
+  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
+    for (int64_t m = 0; m < members; ++m)
+      for (int64_t c0 = 0; c0 < Bs[m].size(2); c0 += kCols) units.emplace_back(s, m, c0);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 4, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const auto [s, m, c0] = units[u];
+      const auto& [slot, rows] = segments[s];
+      const int64_t width = Bs[m].size(2);
+      std::vector<const float*> src;
+      std::vector<float*> dst;
+      for (int64_t r : rows) {
+        src.push_back(h.data() + r * C + m * R);
+        dst.push_back(op + r * ldo + offsets[m]);
+      }
+      segment_times(src, weights_of<TW>(Bs[m]) + slot * R * width, width, R, c0, std::min(kCols, width - c0), dst,
+                    true);
+    }
+  });
+}
+
+void lora_add(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A, const std::vector<torch::Tensor>& Bs,
+              const torch::Tensor& slots) {
+  if (A.scalar_type() == torch::kBFloat16)
+    lora_add_typed<uint16_t>(x, out, A, Bs, slots);
+  else if (A.scalar_type() == torch::kFloat32)
+    lora_add_typed<float>(x, out, A, Bs, slots);
+  else
+    TORCH_CHECK(false, "LoRA stacks must be fp32 or bf16, got ", A.scalar_type());
+}
+
+}  // namespace
+
+void register_lora(pybind11::module& m) {
+  m.def("lora_add", &lora_add, "out += per-row-adapter LoRA delta (segmented, fixed summation order)");
+}

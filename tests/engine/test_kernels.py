@@ -1,0 +1,139 @@
+"""npcd's CPU kernels against plain PyTorch references: the block-quantized linear and the fused decode glue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npcd.engine.kernels import load_cpu_kernels, why_unavailable
+from npcd.engine.model import LlamaModel, RowBlock
+from npcd.engine.ops import FusedOps, TorchOps
+from npcd.engine.quant import BlockLinear, quantize_activations, quantize_q4_1, quantize_q8_0
+
+pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=f"CPU kernels: {why_unavailable()}")
+
+QUANTIZERS = {"q4_1": quantize_q4_1, "q8_0": quantize_q8_0}
+# (N, K): the bundled model's four projection shapes, a narrow one, and N not a multiple of the kernel's 4-row tile
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (48, 64), (7, 96)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return load_cpu_kernels()
+
+
+def activations(rows: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    x[:, 3] *= 300.0  # an outlier channel, as the down projection's input has
+    x[rows // 2] = 0.0  # an all-zero row (scale 0)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_linear_matches_the_dequantized_reference(kernel, kind, shape):
+    n, k = shape
+    weight = QUANTIZERS[kind](torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
+    linear = BlockLinear(weight, kernel)
+    for rows in (1, 2, 5, 33):
+        x = activations(rows, k, rows)
+        expected = quantize_activations(x).double() @ weight.dequantize().double().T
+        got = linear(x)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_a_rows_result_does_not_depend_on_its_batch(kernel, kind):
+    weight = QUANTIZERS[kind](torch.randn(576, 1536) * 0.05)
+    linear = BlockLinear(weight, kernel)
+    x = activations(32, 1536, 0)
+    batched = linear(x)
+    for i in range(32):
+        assert torch.equal(linear(x[i:i + 1]), batched[i:i + 1])
+        assert torch.equal(linear(x[max(0, i - 4):i + 1])[-1], batched[i])
+
+
+def test_requantizing_the_bundled_model_recovers_its_weights(real_model_dir):
+    """The bundled GGUF stores the projections in Q4_1 and the embedding in Q8_0: re-quantizing the
+    dequantized cache is (near) lossless, so the block modes lose only the activations' rounding."""
+    from safetensors import safe_open
+
+    with safe_open(str(real_model_dir / "model.safetensors"), framework="pt") as st:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.17.mlp.down_proj.weight"):
+            w = st.get_tensor(name)
+            assert torch.equal(quantize_q4_1(w).dequantize(), w), name
+        embed = st.get_tensor("model.embed_tokens.weight")[:4096]
+    torch.testing.assert_close(quantize_q8_0(embed).dequantize(), embed, rtol=1e-6, atol=1e-7)
+
+
+def test_block_kernel_refuses_bad_shapes_by_name(kernel):
+    weight = quantize_q8_0(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
+        kernel.module.linear(torch.randn(1, 48), weight.q, weight.d, weight.m, 8, False)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        kernel.module.linear(torch.randn(1, 64).double(), weight.q, weight.d, weight.m, 8, False)
+
+
+def test_fused_norms_and_silu_match_torch(kernel):
+    torch.manual_seed(0)
+    ref, fused = TorchOps(1e-5), FusedOps(1e-5, kernel)
+    x, r, w = torch.randn(9, 576) * 3, torch.randn(9, 576), torch.rand(576) + 0.5
+    torch.testing.assert_close(fused.rms_norm(x, w), ref.rms_norm(x, w))
+    xa, xb = x.clone(), x.clone()
+    torch.testing.assert_close(fused.add_rms_norm(xa, r, w), ref.add_rms_norm(xb, r, w))
+    torch.testing.assert_close(xa, xb)  # both added the residual in place
+    gate_up = torch.randn(9, 2 * 1536) * 4
+    torch.testing.assert_close(fused.silu_mul(gate_up), ref.silu_mul(gate_up))
+
+
+def test_fused_attention_matches_the_general_path(tiny_model_dir, kernel):
+    """A mixed step (decode rows, then right-padded prompts) through both attention paths of the model:
+    logits and the keys and values written to the cache agree."""
+    from npcd.engine.model import StepInputs
+
+    model = LlamaModel.load(tiny_model_dir, "fp32", torch.device("cpu"), 64)
+    assert isinstance(model.ops, FusedOps)
+    s = model.spec
+    shape = (s.num_layers, 7, s.num_kv_heads, 64, s.head_dim)
+    g = torch.Generator().manual_seed(1)
+    k0, v0 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    decode = RowBlock(1, torch.tensor([[0], [5], [63]]), 64)   # one row at the cache's last position
+    runner_block = RowBlock.for_prompts([[7, 8, 9, 10, 11], [12, 13]], [0, 30], 4)
+    tokens = torch.tensor([3, 50, 700, 7, 8, 9, 10, 11, 12, 13])
+    step = StepInputs(tokens=tokens, blocks=[decode, runner_block], last_index=torch.tensor([0, 1, 2, 7, 9]))
+    results = []
+    for ops in (model.ops, TorchOps(s.rms_norm_eps)):
+        model.ops = ops
+        k, v = k0.clone(), v0.clone()
+        results.append((model.forward(step, k, v), k, v))
+    (fused, kf, vf), (general, kg, vg) = results
+    torch.testing.assert_close(fused, general, rtol=1e-4, atol=1e-4)
+    written = [(1, 0), (2, 5), (3, 63)] + [(4, p) for p in range(5)] + [(5, 30), (5, 31)]
+    for slot, pos in written:
+        torch.testing.assert_close(kf[:, slot, :, pos], kg[:, slot, :, pos], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vf[:, slot, :, pos], vg[:, slot, :, pos], rtol=1e-5, atol=1e-5)
+    assert torch.equal(kf[:, 0], k0[:, 0]) and torch.equal(kf[:, 6], k0[:, 6])  # other slots untouched
+    assert torch.equal(kf[:, 5, :, :30], k0[:, 5, :, :30])  # a prompt continuing at 30 keeps its prefix
+
+
+def test_fused_attention_refuses_a_token_outside_the_cache(kernel):
+    qkv = torch.randn(1, (4 + 2 * 2) * 16)
+    cache = torch.zeros(2, 2, 8, 16)
+    table = torch.zeros(8, 16)
+    args = (table, table, cache, cache.clone(), 4, 2, 0.25)
+    with pytest.raises(RuntimeError, match="position 8 is outside the cache"):
+        kernel.module.attention(qkv, torch.tensor([0]), torch.tensor([8]), *args)
+    with pytest.raises(RuntimeError, match="slot 2 exceeds the cache's slots"):
+        kernel.module.attention(qkv, torch.tensor([2]), torch.tensor([1]), *args)
+
+
+def test_dense_reference_agrees_with_f_linear_for_fp32_mode():
+    """fp32 mode keeps F.linear for projections: the comparison baseline of every PEFT test."""
+    from npcd.engine.quant import WeightFactory
+
+    w = torch.randn(16, 64)
+    x = torch.randn(3, 64)
+    assert torch.equal(WeightFactory("fp32", torch.device("cpu")).projection(w)(x), F.linear(x, w))
