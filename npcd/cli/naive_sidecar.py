@@ -1,53 +1,67 @@
-"""The naive sidecar for `npcd loadtest --compare-naive`: transformers + PEFT, one request at a time, over gRPC."""
+"""The naive sidecar for `npcd loadtest --compare-naive`: transformers + PEFT, one request at a time, over gRPC.
+
+Its command line (`--listen`, `--personas`, `--base`, `--threads`,
+`--max-seq-len`) is every baseline sidecar's: `serve_sidecar` is shared with
+`npcd.cli.llamacpp_sidecar`, which only builds another generator.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import grpc
+from npcd.engine.config import EngineConfig
 
-from npcd.personas.loader import load_dir
-from npcd.service._proto import npcd_pb2_grpc
-from npcd.tools.loadtest.naive import NaiveGenerator, NaiveServicer
+if TYPE_CHECKING:
+    from npcd.personas.loader import Persona
+    from npcd.tools.loadtest.sidecar import OneAtATimeGenerator
+
+# Builds a sidecar's generator from its parsed flags, the resolved base directory and the loaded personas.
+MakeGenerator = Callable[[argparse.Namespace, Path, "dict[str, Persona]"], "OneAtATimeGenerator"]
 
 
-async def serve(listen: str, personas_dir: Path, base: str, threads: int) -> int:
+def serve_sidecar(module: str, name: str, description: str, make: MakeGenerator, argv: list[str] | None) -> int:
+    """Parses the shared flags, loads the personas and serves `make`'s generator until SIGTERM or SIGINT."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    d = EngineConfig()
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
+    parser.add_argument("--personas", type=Path, default=Path("personas"), help="personas directory")
+    parser.add_argument("--base", default=d.base, help=f"base model, as in an engine file (default {d.base})")
+    parser.add_argument("--threads", type=int, default=d.threads, help="compute threads; 0 = all cores")
+    parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                        help=f"prompt + output tokens per line, as in an engine file (default {d.max_seq_len})")
+    args = parser.parse_args(argv)
+
     from npcd.engine.weights import resolve_base
+    from npcd.personas.loader import load_dir
+    from npcd.tools.loadtest.sidecar import serve
 
-    personas, errors = load_dir(personas_dir)
+    personas, errors = load_dir(args.personas)
     for error in errors:
-        print(f"naive sidecar: skipping {error}", file=sys.stderr)
-    generator = await asyncio.to_thread(NaiveGenerator, resolve_base(base), personas, threads)
-    server = grpc.aio.server()
-    npcd_pb2_grpc.add_NpcdServicer_to_server(NaiveServicer(generator), server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    await server.start()
-    print(f"naive sidecar listening on {listen.rpartition(':')[0]}:{port}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
-    generator.worker.shutdown(wait=False, cancel_futures=True)
+        print(f"{name}: skipping {error}", file=sys.stderr)
+    try:
+        base_dir = resolve_base(args.base)
+        asyncio.run(serve(args.listen, lambda: make(args, base_dir, personas),
+                          lambda address: print(f"{name} listening on {address}", flush=True)))
+    except (ImportError, ValueError, FileNotFoundError) as exc:  # set-up problems: say what, no traceback
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
+def _naive(args: argparse.Namespace, base_dir: Path, personas: dict[str, Persona]) -> OneAtATimeGenerator:
+    from npcd.tools.loadtest.naive import NaiveGenerator
+
+    return NaiveGenerator(base_dir, personas, args.threads, args.max_seq_len)
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m npcd.cli.naive_sidecar", description=__doc__.split("\n")[0])
-    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
-    parser.add_argument("--personas", type=Path, default=Path("personas"), help="personas directory")
-    parser.add_argument("--base", default="embedded:smollm2-135m-instruct", help="base model, as in an engine file")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
-    args = parser.parse_args(argv)
-    return asyncio.run(serve(args.listen, args.personas, args.base, args.threads))
+    return serve_sidecar("npcd.cli.naive_sidecar", "naive sidecar", __doc__.split("\n")[0], _naive, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ projections' GEMMs with the prompts being prefilled in the same step.
 
 Projections are fused where they share an input (q/k/v, gate/up): fewer, larger
 GEMMs, and the LoRA operator (npcd.engine.lora) adds each adapter's delta into the
-matching column block of the fused output.
+matching column block of the fused output. What a projection runs (fp32, bf16, or
+npcd's block-quantized kernel) is the weights mode's (npcd.engine.quant); the
+operators between projections are `self.ops` (npcd.engine.ops). With the fused CPU
+ops, attention takes the step's tokens as one flat list with each token's cache
+slot and position, so the blocks' padded grid is only used by PyTorch's path.
 """
 
 from __future__ import annotations
@@ -228,7 +232,9 @@ class LlamaModel:
 
     def kernels(self) -> dict[str, str]:
         """Which operator each part of the forward runs, as the startup log and /metrics report it."""
-        return {**self._kernels, "attention": "scaled_dot_product_attention",
+        return {**self._kernels,
+                "attention": "per-token causal attention kernel (npcd/engine/kernels/decode.cpp)"
+                             if self.ops.attention is not None else "scaled_dot_product_attention",
                 "lora": "segmented kernel, fp32 accumulation in a fixed order (npcd/engine/kernels/lora.cpp)"
                         if self.ops.lora_add is not None else
                         f"bucketed bmm over adapter segments in {str(self.dtype).removeprefix('torch.')} "

@@ -60,7 +60,7 @@ def place(config: "EngineConfig") -> Placement:
     """The device and the concrete weights mode for this config on this machine."""
     import torch
 
-    from npcd.engine.kernels import why_unavailable
+    from npcd.engine.kernels import load_cpu_kernels, why_unavailable
 
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,6 +73,8 @@ def place(config: "EngineConfig") -> Placement:
     if device.type == "cuda":
         return Placement(device, "bf16", "CUDA: bf16 tensor cores")
     missing = why_unavailable()
+    if missing is None and load_cpu_kernels() is None:  # builds it now if it has to; a failed build says why
+        missing = why_unavailable()
     if missing is None:
         return Placement(device, "int4", "CPU with AVX2/FMA: npcd's block kernel on 4-bit weights")
     if cpu_has_native_bf16():

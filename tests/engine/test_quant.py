@@ -76,15 +76,35 @@ def test_weights_modes_are_checked_where_they_are_configured():
 def test_auto_picks_the_block_kernel_where_it_builds_and_says_why(monkeypatch):
     cpu = EngineConfig(device="cpu")
     monkeypatch.setattr("npcd.engine.kernels.why_unavailable", lambda: None)
+    monkeypatch.setattr("npcd.engine.kernels.load_cpu_kernels", lambda: object())  # built
     placed = platform.place(cpu)
     assert (placed.device.type, placed.weights) == ("cpu", "int4") and "AVX2" in placed.reason
     monkeypatch.setattr("npcd.engine.kernels.why_unavailable", lambda: "the CPU lacks avx2")
+    monkeypatch.setattr("npcd.engine.kernels.load_cpu_kernels", lambda: None)
     monkeypatch.setattr(platform, "cpu_has_native_bf16", lambda: True)
     assert platform.place(cpu).weights == "bf16"
     monkeypatch.setattr(platform, "cpu_has_native_bf16", lambda: False)
     placed = platform.place(cpu)
     assert placed.weights == "fp32" and "the CPU lacks avx2" in placed.reason
     assert platform.place(EngineConfig(device="cpu", weights="int8")).weights == "int8"  # explicit wins
+
+
+def test_a_failed_kernel_build_falls_back_and_names_the_error(monkeypatch, tmp_path):
+    """A machine whose build fails (no Python headers, a broken compiler) still serves, on PyTorch's kernels."""
+    from npcd.engine import kernels
+
+    monkeypatch.setenv("NPCD_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "SOURCES", (tmp_path / "broken.cpp",))
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "_build_error", [])
+    kernels.load_cpu_kernels.cache_clear()
+    try:
+        assert kernels.load_cpu_kernels() is None
+        assert kernels.why_unavailable().startswith("the kernel build failed in ")
+        placed = platform.place(EngineConfig(device="cpu"))
+        assert placed.weights in ("fp32", "bf16") and "the kernel build failed" in placed.reason
+    finally:
+        kernels.load_cpu_kernels.cache_clear()
 
 
 def test_a_block_mode_without_its_kernel_says_why(monkeypatch):

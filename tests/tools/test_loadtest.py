@@ -9,7 +9,8 @@ import pytest
 from server_helpers import write_persona
 
 from npcd import cli
-from npcd.tools.loadtest import targets
+from npcd.tools.loadtest import capacity, llamacpp_gguf, targets
+from npcd.tools.loadtest.capacity import SearchPlan, Trial
 from npcd.tools.loadtest.scenario import PersonaRef, Scenario, build_schedule, thin
 
 pytestmark = pytest.mark.slow  # starts subprocesses
@@ -29,7 +30,7 @@ def setup(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path, Path]:
     write_persona(personas, "merchant", adapter=tiny_adapters["merchant"])
     write_persona(personas, "plain")
     engine = root / "engine.yaml"
-    engine.write_text(f"base: {tiny_model_dir}\ndtype: float32\nquantize: none\ndevice: cpu\nmax_batch_size: 8\nmax_seq_len: 512\n"
+    engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 8\nmax_seq_len: 512\n"
                       "threads: 1\n")
     return personas, engine
 
@@ -86,10 +87,11 @@ def test_say_run_with_naive_comparison(setup, daemon, tmp_path):
     assert {r["persona"] for r in npcd_run["requests"]} == {"elf", "merchant", "plain"}
     assert npcd_run["summary"]["batches"]["samples"] > 0  # the daemon's /metrics was scraped
     assert naive_run["summary"]["batches"] is None        # the sidecar has no metrics endpoint
-    comparison = report["comparison"]
+    assert list(report["comparisons"]) == ["naive"]
+    comparison = report["comparisons"]["naive"]
     assert comparison["npcd_lines_per_s"] == npcd_run["summary"]["lines_per_s"] > 0
     same = comparison["same_schedule"]
-    assert same["naive_lines_per_s"] == naive_run["summary"]["lines_per_s"]
+    assert same["baseline_lines_per_s"] == naive_run["summary"]["lines_per_s"]
     # greedy: the batched multi-adapter engine and one-at-a-time PEFT write the same lines
     assert same["lines_finished_by_both"] == npcd_run["summary"]["done"]
     assert same["identical_text_share"] == 1.0
@@ -106,7 +108,80 @@ def test_session_run(daemon, tmp_path):
     check_run(run)
     assert run["summary"]["errors"] == 0, run["summary"]["errors_by_status"]
     assert report["personas_used"] == ["elf", "merchant"]
-    assert "comparison" not in report
+    assert "comparisons" not in report and "capacity" not in report
+
+
+# a tiny search: 2 NPCs, then 4 (the bound) or 1; trials of 2 s, each NPC speaking about twice a second
+CAPACITY_FLAGS = ["--find-capacity", "--capacity-start", "2", "--capacity-max", "4", "--capacity-trials", "2",
+                  "--capacity-trial-s", "2", "--capacity-drain-s", "20", "--speak-every-s", "0.5", "--burst-every-s",
+                  "1.5", "--burst-size", "2", "--max-tokens", str(MAX_TOKENS), "--clients", "2",
+                  "--target-p99-ms", "3000", "--quiet"]
+
+
+def check_capacity(report: dict, servers: list[str]) -> None:
+    """The search followed the pure logic to its end, and the report agrees with its trials."""
+    section = report["capacity"]
+    plan = SearchPlan(**section["plan"])
+    assert [s["server"] for s in section["servers"]] == servers
+    for s in section["servers"]:
+        trials = [Trial(**t) for t in s["trials"]]
+        assert [t.npcs for t in trials] == [capacity.next_npcs(trials[:i], plan) for i in range(len(trials))]
+        assert capacity.next_npcs(trials, plan) is None
+        assert s["capacity"] == capacity.capacity_of(trials, plan).to_dict()
+        for t in trials:
+            assert t.sent > 0 and t.done + t.errors == t.sent
+            assert t.passed == (t.errors == 0 and t.ttft_p99_ms is not None and t.ttft_p99_ms <= 3000)
+    assert [r["baseline"] for r in section["ratios"]] == servers[1:]
+    assert [run["server"] for run in report["runs"]] == servers  # each server's trial at capacity
+    for run, s in zip(report["runs"], section["servers"]):
+        check_run(run)
+        npcs = s["capacity"]["npcs"] or min(t["npcs"] for t in s["trials"])
+        assert run["label"] == f"{s['server']} {npcs} NPCs"
+        assert run["summary"]["sent"] == next(t["sent"] for t in s["trials"] if t["npcs"] == npcs)
+    assert "comparisons" not in report
+
+
+def check_capacity_output(err: str, servers: list[str]) -> None:
+    assert "TTFT p99" in err and "result" in err  # the trial table's header
+    for server in servers:
+        assert f"capacity of {server}: " in err
+    for baseline in servers[1:]:
+        assert f"npcd / {baseline}: " in err
+
+
+def test_find_capacity_against_the_naive_sidecar(setup, daemon, tmp_path, capsys):
+    personas, engine = setup
+    address, metrics_url = daemon
+    out = tmp_path / "capacity"
+    code = cli.main(["loadtest", "--address", address, "--metrics-url", metrics_url, "--personas", str(personas),
+                     "--engine", str(engine), *CAPACITY_FLAGS, "--compare-naive", "--out", str(out)])
+    assert code == 0
+    check_capacity(load_report(out), ["npcd", "naive"])
+    check_capacity_output(capsys.readouterr().err, ["npcd", "naive"])
+
+
+@pytest.mark.skipif(llamacpp_gguf.missing() is not None, reason=f"llama.cpp sidecar: {llamacpp_gguf.missing()}")
+def test_find_capacity_against_the_llamacpp_sidecar(setup, daemon, tmp_path, capsys):
+    personas, engine = setup
+    address, metrics_url = daemon
+    out = tmp_path / "capacity"
+    code = cli.main(["loadtest", "--address", address, "--metrics-url", metrics_url, "--personas", str(personas),
+                     "--engine", str(engine), *CAPACITY_FLAGS, "--compare-llamacpp", "--out", str(out)])
+    assert code == 0
+    check_capacity(load_report(out), ["npcd", "llama.cpp"])
+    check_capacity_output(capsys.readouterr().err, ["npcd", "llama.cpp"])
+
+
+def test_a_missing_llamacpp_is_skipped_saying_what_installs_it(setup, daemon, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NPCD_CACHE", str(tmp_path / "empty-cache"))  # no converter there
+    personas, engine = setup
+    address, metrics_url = daemon
+    out = tmp_path / "skipped"
+    code = cli.main(["loadtest", "--address", address, "--personas", str(personas), "--engine", str(engine),
+                     *RUN_FLAGS, "--compare-llamacpp", "--out", str(out)])
+    assert code == 0
+    assert "skipping the llama.cpp sidecar" in (err := capsys.readouterr().err) and "make bench-peers" in err
+    assert [run["server"] for run in load_report(out)["runs"]] == ["npcd"]
 
 
 @pytest.mark.parametrize("flags", [

@@ -2,13 +2,14 @@
 
 `blockq.cpp` is the block-quantized linear, `decode.cpp` the fused glue of an fp32
 step (norms, SiLU, rotary embedding, attention), `lora.cpp` the segmented
-mixed-adapter LoRA delta; each file's header says what it computes and why PyTorch's own paths
-were not enough. They are one extension, built with torch's C++ extension loader at the first
-start that needs it, with the ISA flags this CPU has, into
-`<npcd cache>/kernels/<flags>-<sources hash>-torch<version>`; later starts load the
-cached library in well under a second. A machine without a C++ compiler, or without
-AVX2/FMA, gets `None` and the engine falls back to PyTorch's dense kernels (and says
-so in its startup log).
+mixed-adapter LoRA delta; each file's header says what it computes and why
+PyTorch's own paths were not enough. They are one extension, built with torch's
+C++ extension loader at the first start that needs it (~45 s on 2 cores), with the
+ISA flags this CPU has, into `<npcd cache>/kernels/<flags>-<sources hash>-torch<version>`;
+later starts load the cached library in well under a second. A machine without
+AVX2/FMA or a C++ compiler, or where the build fails (no Python headers, say),
+gets `None`, `why_unavailable()` says why, and `weights: auto` falls back to
+PyTorch's dense kernels and logs the reason.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ class LoadedKernel:
     path: Path
 
 
+_build_error: list[str] = []  # the failed build's message, once load_cpu_kernels() has tried
+
+
 def why_unavailable() -> str | None:
-    """None when the block kernel can be built here, else the reason it cannot."""
+    """None when the kernels can be built here (or are built), else the reason they cannot."""
+    if _build_error:
+        return _build_error[0]
     missing = [f for f in ("avx2", "fma") if f not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
@@ -68,7 +74,14 @@ def load_cpu_kernels() -> LoadedKernel | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
-    module = cpp_extension.load(name=f"npcd_cpu_{digest}", sources=[str(p) for p in SOURCES], build_directory=str(build_dir),
-                                extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+    try:
+        module = cpp_extension.load(name=f"npcd_cpu_{digest}", sources=[str(p) for p in SOURCES],
+                                    build_directory=str(build_dir),
+                                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
+                                    verbose=False)
+    except Exception as exc:  # noqa: BLE001 -- any build failure means: serve with PyTorch's kernels
+        message = str(exc).strip().splitlines()
+        _build_error.append(f"the kernel build failed in {build_dir}: {message[-1] if message else exc!r}")
+        return None
     return LoadedKernel(module=module, flags=flags, build_s=0.0 if cached else time.perf_counter() - start,
                         path=build_dir)

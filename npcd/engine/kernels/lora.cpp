@@ -30,8 +30,8 @@
 
 namespace {
 
-constexpr int kRows = 4;   // rows of one slot sharing each weight load
-constexpr int64_t kCols = 8;  // output columns per task unit (one 8-lane vector)
+constexpr int kRows = 2;      // rows of one slot sharing each weight load (2 rows x 4 vectors = 8 accumulators)
+constexpr int64_t kCols = 32;  // output columns per task unit: a 64-byte line of fp32 (bf16: half a line)
 
 // Weights are fp32 or bf16 (bf16 halves the bytes every step streams; the bundled
 // adapters are stored in bf16, so nothing is lost for them).
@@ -51,31 +51,45 @@ inline __m256 load8(const uint16_t* p) {
 }
 #endif
 
-// dst[i][c0..c0+w) = sum_k src_i[k] * W[k, c0..c0+w)  (W row-major, row stride ld), i < rows
-// `accumulate`: dst += instead of =. Per element: a fixed k-ascending FMA chain.
+// dst[i][c0..c0+8*kV) = sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld), for kR rows.
+// `accumulate`: dst += instead of =. Every element is an FMA chain over k ascending, whichever
+// width the caller picked, so its value never depends on how the work was cut.
+template <int kR, int kV, typename TW>
+inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0,
+                           float* const* dst, bool accumulate) {
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kR][kV];
+  for (int i = 0; i < kR; ++i)
+    for (int v = 0; v < kV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[kV];
+    for (int v = 0; v < kV; ++v) wv[v] = load8(W + k * ld + c0 + 8 * v);
+    for (int i = 0; i < kR; ++i) {
+      const __m256 xk = _mm256_set1_ps(src[i][k]);
+      for (int v = 0; v < kV; ++v) acc[i][v] = _mm256_fmadd_ps(xk, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < kR; ++i)
+    for (int v = 0; v < kV; ++v) {
+      float* d = dst[i] + c0 + 8 * v;
+      _mm256_storeu_ps(d, accumulate ? _mm256_add_ps(_mm256_loadu_ps(d), acc[i][v]) : acc[i][v]);
+    }
+#endif
+}
+
 template <int kR, typename TW>
 inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0, int64_t w,
                        float* const* dst, bool accumulate) {
+  int64_t c = c0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if (w == kCols) {
-    __m256 acc[kR];
-    for (int i = 0; i < kR; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      const __m256 wv = load8(W + k * ld + c0);
-      for (int i = 0; i < kR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(src[i][k]), wv, acc[i]);
-    }
-    for (int i = 0; i < kR; ++i) {
-      float* d = dst[i] + c0;
-      _mm256_storeu_ps(d, accumulate ? _mm256_add_ps(_mm256_loadu_ps(d), acc[i]) : acc[i]);
-    }
-    return;
-  }
+  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<kR, 4>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 8 <= c0 + w; c += 8) rows_times_vec<kR, 1>(src, W, ld, K, c, dst, accumulate);
 #endif
   for (int i = 0; i < kR; ++i)
-    for (int64_t c = c0; c < c0 + w; ++c) {
+    for (int64_t e = c; e < c0 + w; ++e) {
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s = std::fma(src[i][k], to_float(W[k * ld + c]), s);
-      dst[i][c] = accumulate ? dst[i][c] + s : s;
+      for (int64_t k = 0; k < K; ++k) s = std::fma(src[i][k], to_float(W[k * ld + e]), s);
+      dst[i][e] = accumulate ? dst[i][e] + s : s;
     }
 }
 

@@ -3,8 +3,12 @@
 The pieces, one module each: `scenario` (what the game does, and the seeded
 arrival schedule it produces), `traffic` (the gRPC client that replays a
 schedule and times every request), `scrape` (the daemon's Prometheus metrics
-during the run), `naive` (a one-request-at-a-time transformers + PEFT server
-with the same API, the baseline that mixed-adapter batching is measured
-against), `targets` (starting either server on a free loopback port),
-`report` (statistics, JSON and PNG) and `command` (the CLI).
+during the run), `capacity` (the search for the most NPCs a server
+sustains), `report` (statistics, JSON and PNG) and `targets` (the baselines,
+and starting any server on a free loopback port). The baselines, the
+one-request-at-a-time servers that mixed-adapter batching is measured
+against, share `sidecar` (the daemon's API, prompts, validation and
+detokenizer over one worker thread) and differ only in how they generate:
+`naive` (transformers + PEFT) and `llamacpp` (llama.cpp, its GGUF files
+from `llamacpp_gguf`). The command line is `npcd.cli.loadtest`.
 """

@@ -26,15 +26,16 @@ from typing import Any
 from npcd.tools.loadtest.scenario import PersonaRef, Scenario
 from npcd.tools.loadtest.traffic import RequestRecord
 
-REPORT_VERSION = 1
+TEXT_PANEL_PT = 260.0  # font size (pt) x lines that fit in one text panel of the PNG, line spacing included
+REPORT_VERSION = 2  # 2: a comparison per baseline (`comparisons`), the capacity search
 
 
 @dataclass
 class RunResult:
     """One replay of the schedule against one server."""
 
-    label: str                    # "npcd", "naive", "naive x0.25"
-    server: str                   # npcd | naive
+    label: str                    # "npcd", "naive", "naive x0.25", "llama.cpp 4 NPCs"
+    server: str                   # npcd, or a baseline's name (targets.BASELINES)
     address: str
     load_fraction: float          # share of the full schedule replayed
     records: list[RequestRecord]
@@ -114,20 +115,22 @@ def sustains(summary: dict[str, Any], target_p99_ms: float) -> bool:
     return summary["errors"] == 0 and summary["done"] > 0 and p99 is not None and p99 <= target_p99_ms
 
 
-def compare(summaries: dict[str, dict[str, Any]], runs: list[RunResult], target_p99_ms: float) -> dict[str, Any]:
-    """npcd against the naive runs: lines/s both sustain at the same p99, and the ratio.
+def compare(summaries: dict[str, dict[str, Any]], runs: list[RunResult], target_p99_ms: float,
+            baseline: str) -> dict[str, Any]:
+    """npcd against one baseline's runs: lines/s both sustain at the same p99, and the ratio.
 
-    The naive server's lines/s at npcd's p99 comes from the naive runs (the full
-    schedule and any thinned ones) that met that p99 without errors. If none
-    did, its best lines/s at any latency is an upper bound on what it could
-    sustain, so the ratio against it is a lower bound, and is labelled so.
+    The baseline's lines/s at npcd's p99 comes from its runs (the full schedule
+    and any thinned ones) that met that p99 without errors. If none did, its
+    best lines/s at any latency is an upper bound on what it could sustain, so
+    the ratio against it is a lower bound, and is labelled so.
     """
     npcd_run = next(r for r in runs if r.server == "npcd")
-    naive_runs = [r for r in runs if r.server == "naive"]
+    base_runs = [r for r in runs if r.server == baseline]
     d = summaries[npcd_run.label]
     d_p99 = d["ttft_ms"]["p99"]
-    full = next((r for r in naive_runs if r.load_fraction == 1.0), None)
+    full = next((r for r in base_runs if r.load_fraction == 1.0), None)
     out: dict[str, Any] = {
+        "baseline": baseline,
         "target_p99_ttft_ms": target_p99_ms,
         "npcd_lines_per_s": d["lines_per_s"],
         "npcd_p99_ttft_ms": d_p99,
@@ -139,32 +142,36 @@ def compare(summaries: dict[str, dict[str, Any]], runs: list[RunResult], target_
         texts = {r.request_id: r.text for r in full.records if r.ok}
         both = [r for r in npcd_run.records if r.ok and r.request_id in texts]
         out["same_schedule"] = {
-            "naive_lines_per_s": n["lines_per_s"], "naive_p99_ttft_ms": n["ttft_ms"]["p99"],
-            "naive_errors": n["errors"],
+            "baseline_lines_per_s": n["lines_per_s"], "baseline_p99_ttft_ms": n["ttft_ms"]["p99"],
+            "baseline_errors": n["errors"],
             "lines_per_s_ratio": round(d["lines_per_s"] / n["lines_per_s"], 2) if n["lines_per_s"] else None,
             "lines_finished_by_both": len(both),
             "identical_text_share": round(sum(r.text == texts[r.request_id] for r in both) / len(both), 3)
             if both else None,
         }
-    meeting = [r for r in naive_runs if d_p99 is not None and sustains(summaries[r.label], d_p99)]
+    meeting = [r for r in base_runs if d_p99 is not None and sustains(summaries[r.label], d_p99)]
     if meeting:
         best = max(meeting, key=lambda r: summaries[r.label]["lines_per_s"])
         rate = summaries[best.label]["lines_per_s"]
-        out["at_same_p99"] = {"naive_run": best.label, "naive_lines_per_s": rate, "bound": "measured",
+        out["at_same_p99"] = {"baseline_run": best.label, "baseline_lines_per_s": rate, "bound": "measured",
                               "ratio": round(d["lines_per_s"] / rate, 2) if rate else None}
-    elif naive_runs:
-        ceiling = max(summaries[r.label]["lines_per_s"] for r in naive_runs)
+    elif base_runs:
+        ceiling = max(summaries[r.label]["lines_per_s"] for r in base_runs)
         out["at_same_p99"] = {
-            "naive_run": None, "naive_lines_per_s": ceiling, "bound": "naive never met npcd's p99; its best lines/s "
-            "at any latency is an upper bound on what it sustains, so the ratio is a lower bound",
+            "baseline_run": None, "baseline_lines_per_s": ceiling, "bound": f"{baseline} never met npcd's p99; its "
+            "best lines/s at any latency is an upper bound on what it sustains, so the ratio is a lower bound",
             "ratio": round(d["lines_per_s"] / ceiling, 2) if ceiling else None,
         }
     return out
 
 
 def build(scenario: Scenario, runs: list[RunResult], target_p99_ms: float, cast: list[PersonaRef],
-          environment: dict[str, Any]) -> dict[str, Any]:
-    """`environment`: what the numbers depend on besides the scenario (engine settings, cores, machine load)."""
+          environment: dict[str, Any], capacity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`environment`: what the numbers depend on besides the scenario (engine settings, cores, machine load).
+
+    `capacity`: a capacity search's section (`capacity.report_section`); its runs are each server's trial at
+    capacity, on different schedules, so they are not compared request by request.
+    """
     summaries = {r.label: r.summary(scenario.duration_s) for r in runs}
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
@@ -176,11 +183,16 @@ def build(scenario: Scenario, runs: list[RunResult], target_p99_ms: float, cast:
         "offered_lines_per_s_expected": round(scenario.offered_lines_per_s, 3),
         "target_p99_ttft_ms": target_p99_ms,
         "runs": [{"label": r.label, "server": r.server, "address": r.address, "load_fraction": r.load_fraction,
-                  "client_cpu_s": r.client_cpu_s, "wall_s": r.wall_s, "summary": summaries[r.label], "metrics_samples": r.metrics_samples,
-                  "requests": [rec.to_dict() for rec in r.records]} for r in runs],
+                  "client_cpu_s": r.client_cpu_s, "wall_s": r.wall_s, "summary": summaries[r.label],
+                  "metrics_samples": r.metrics_samples, "requests": [rec.to_dict() for rec in r.records]}
+                 for r in runs],
     }
-    if any(r.server == "npcd" for r in runs) and any(r.server == "naive" for r in runs):
-        report["comparison"] = compare(summaries, runs, target_p99_ms)
+    if capacity is not None:
+        report["capacity"] = capacity
+    elif any(r.server == "npcd" for r in runs):
+        baselines = dict.fromkeys(r.server for r in runs if r.server != "npcd")
+        if baselines:
+            report["comparisons"] = {b: compare(summaries, runs, target_p99_ms, b) for b in baselines}
     return report
 
 
@@ -229,8 +241,10 @@ def write_png(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenario = report["scenario"]
-    fig, axes = plt.subplots(4, 2, figsize=(13, 17))
-    (ttft, gap), (total, thr), (queue, batch), (errs, text) = axes
+    section = report.get("capacity")
+    rows = 5 if section else 4
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.25 * rows))
+    (ttft, gap), (total, thr), (queue, batch), (errs, text) = axes[:4]
     target = report["target_p99_ttft_ms"]
     _cdf(ttft, report, "ttft_ms", "Time to first token (client side)", "ms (log)", target)
     _cdf(total, report, "total_ms", "Total time per line", "ms (log)")
@@ -314,16 +328,62 @@ def write_png(report: dict[str, Any], path: Path) -> None:
         errs.set_yticks([])
         errs.text(0.5, 0.5, "no errors", ha="center", va="center", transform=errs.transAxes)
 
-    text.axis("off")
-    wrapped = [part for line in summary_lines(report)
-               for part in textwrap.wrap(line, 88, subsequent_indent="    ") or [""]]
-    text.text(-0.05, 1, "\n".join(wrapped), va="top", family="monospace", fontsize=7.5)
-    fig.suptitle(f"npcd loadtest: {scenario['npcs']} NPCs, {len(report['personas_used'])} personas, one line per "
+    _text(text, run_lines(report) + comparison_lines(report))
+    if section:
+        curve, table = axes[4]
+        _capacity_curve(curve, section)
+        _text(table, capacity_lines(report)[1:])
+        title = (f"npcd loadtest --find-capacity: {len(report['personas_used'])} personas, one line per "
+                 f"{scenario['speak_every_s']:g} s per NPC, max {scenario['max_tokens']} tokens, api {scenario['api']};"
+                 f" runs above: each server's trial at its capacity")
+    else:
+        title = (f"npcd loadtest: {scenario['npcs']} NPCs, {len(report['personas_used'])} personas, one line per "
                  f"{scenario['speak_every_s']:g} s per NPC, max {scenario['max_tokens']} tokens, api {scenario['api']}")
+    fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _text(ax: Any, lines: list[str]) -> None:
+    """Monospaced text filling the panel; the font shrinks when there are more lines than fit at 7.5 pt."""
+    ax.axis("off")
+    wrapped = [part for line in lines for part in textwrap.wrap(line, 88, subsequent_indent="    ") or [""]]
+    ax.text(-0.05, 1, "\n".join(wrapped), va="top", family="monospace",
+            fontsize=min(7.5, TEXT_PANEL_PT / max(1, len(wrapped))))
+
+
+def _capacity_curve(ax: Any, section: dict[str, Any]) -> None:
+    """p99 TTFT against NPC count, one curve per server: filled markers passed, crosses failed; the dotted
+    vertical line is the server's capacity."""
+    from matplotlib.ticker import FuncFormatter
+
+    target = section["target_p99_ttft_ms"]
+    for server in section["servers"]:
+        trials = sorted((t for t in server["trials"] if t["ttft_p99_ms"] is not None), key=lambda t: t["npcs"])
+        if not trials:
+            continue
+        line, = ax.plot([t["npcs"] for t in trials], [t["ttft_p99_ms"] for t in trials], linewidth=1,
+                        label=server["server"])
+        for passed, marker in ((True, "o"), (False, "x")):
+            points = [(t["npcs"], t["ttft_p99_ms"]) for t in trials if t["passed"] == passed]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, color=line.get_color(), zorder=3)
+        if server["capacity"]["npcs"]:
+            ax.axvline(server["capacity"]["npcs"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g} ms")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))  # 2, 5 only
+    ax.set_title("Capacity: p99 time to first token by NPC count (o passed, x failed)")
+    ax.set_xlabel("NPCs in the scene (log)")
+    ax.set_ylabel("p99 TTFT, ms (log)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
 
 
 def _ms(value: float | None) -> str:
@@ -331,7 +391,11 @@ def _ms(value: float | None) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The plain-text summary: one block per run, then the comparison."""
+    """The plain-text summary: one block per run, the comparisons with each baseline, the capacity search."""
+    return run_lines(report) + comparison_lines(report) + capacity_lines(report)
+
+
+def run_lines(report: dict[str, Any]) -> list[str]:
     env = report["environment"]
     lines = [f"machine: {env['cpu_count']} cores, 1-min load average {env['load_average_1m_before']} before the run"
              f" (the load test's own processes included: {env['load_average_1m_after']} after)",
@@ -355,24 +419,84 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"  batch size (sampled) p50 {b['batch_size']['p50']}  max {b['batch_size']['max']}"
                          f"  tokens/engine step {b['tokens_per_engine_step']}  ms/engine step (busy)"
                          f" {b['ms_per_engine_step_busy']}  max queue {b['max_queue_depth']}")
-    c = report.get("comparison")
-    if c:
-        lines.append("")
-        lines.append(f"npcd: {c['npcd_lines_per_s']:.2f} lines/s at p99 TTFT {_ms(c['npcd_p99_ttft_ms'])} ms; "
-                     f"target p99 <= {c['target_p99_ttft_ms']:g} ms "
-                     f"{'met' if c['npcd_sustains_target'] else 'NOT met'}")
+    return lines
+
+
+def comparison_lines(report: dict[str, Any]) -> list[str]:
+    comparisons = list((report.get("comparisons") or {}).values())
+    if not comparisons:
+        return []
+    c = comparisons[0]
+    lines = ["", f"npcd: {c['npcd_lines_per_s']:.2f} lines/s at p99 TTFT {_ms(c['npcd_p99_ttft_ms'])} ms; "
+                 f"target p99 <= {c['target_p99_ttft_ms']:g} ms {'met' if c['npcd_sustains_target'] else 'NOT met'}"]
+    for c in comparisons:
+        name = c["baseline"]
         same = c.get("same_schedule")
         if same:
-            lines.append(f"same schedule: naive {same['naive_lines_per_s']:.2f} lines/s at p99 TTFT "
-                         f"{_ms(same['naive_p99_ttft_ms'])} ms ({same['naive_errors']} errors); "
+            lines.append(f"same schedule: {name} {same['baseline_lines_per_s']:.2f} lines/s at p99 TTFT "
+                         f"{_ms(same['baseline_p99_ttft_ms'])} ms ({same['baseline_errors']} errors); "
                          f"lines/s ratio {same['lines_per_s_ratio']}; identical text in "
                          f"{same['identical_text_share']} of the {same['lines_finished_by_both']} lines both finished")
         at = c.get("at_same_p99")
         if at:
-            if at["naive_run"]:
-                lines.append(f"at npcd's p99: naive sustains {at['naive_lines_per_s']:.2f} lines/s "
-                             f"({at['naive_run']}); ratio {at['ratio']}")
+            if at["baseline_run"]:
+                lines.append(f"at npcd's p99: {name} sustains {at['baseline_lines_per_s']:.2f} lines/s "
+                             f"({at['baseline_run']}); ratio {at['ratio']}")
             else:
-                lines.append(f"at npcd's p99: naive sustains at most {at['naive_lines_per_s']:.2f} lines/s "
+                lines.append(f"at npcd's p99: {name} sustains at most {at['baseline_lines_per_s']:.2f} lines/s "
                              f"(it never met that p99); ratio >= {at['ratio']}")
+    return lines
+
+
+CAPACITY_COLUMNS = ("server", "NPCs", "offered/s", "TTFT p50", "TTFT p99", "tokens/s", "lines/s", "errors", "result")
+_WIDTHS = (10, 5, 9, 8, 8, 8, 7, 6, 6)
+
+
+def _table_row(cells: tuple[Any, ...]) -> str:
+    return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, _WIDTHS)))
+
+
+def capacity_header() -> str:
+    return _table_row(CAPACITY_COLUMNS)
+
+
+def capacity_row(server: str, trial: dict[str, Any]) -> str:
+    """One trial as a row of the capacity table (TTFT in ms)."""
+    return _table_row((server, trial["npcs"], f"{trial['offered_lines_per_s']:.2f}", _ms(trial["ttft_p50_ms"]),
+                       _ms(trial["ttft_p99_ms"]), f"{trial['tokens_per_s']:.1f}", f"{trial['lines_per_s']:.2f}",
+                       trial["errors"], "pass" if trial["passed"] else "FAIL"))
+
+
+def _capacity_text(c: dict[str, Any]) -> str:
+    if c["reached_max"]:
+        return f">= {c['npcs']} NPCs (--capacity-max passed)"
+    if c["failed_at"] is None:
+        return f">= {c['npcs']} NPCs (no count failed; the trial budget ran out)"
+    if c["npcs"] == 0:
+        return f"0 NPCs (even {c['failed_at']} failed)"
+    budget = "" if c["resolved"] else "; the trial budget ran out before the bracket closed"
+    return f"{c['npcs']} NPCs ({c['failed_at']} failed{budget})"
+
+
+def capacity_lines(report: dict[str, Any]) -> list[str]:
+    """The capacity search: every trial, each server's capacity, npcd's ratio to each baseline."""
+    section = report.get("capacity")
+    if not section:
+        return []
+    plan = section["plan"]
+    lines = ["", f"capacity: the most NPCs served with p99 TTFT <= {section['target_p99_ttft_ms']:g} ms and no errors; "
+                 f"trials of {plan['capacity_trial_s']:g} s (+{plan['capacity_drain_s']:g} s drain), at most "
+                 f"{plan['capacity_trials']} per server", capacity_header()]
+    lines += [capacity_row(s["server"], t) for s in section["servers"] for t in s["trials"]]
+    lines += [f"capacity of {s['server']}: {_capacity_text(s['capacity'])}" for s in section["servers"]]
+    for r in section.get("ratios", []):
+        name = f"npcd / {r['baseline']}"
+        if r["ratio"] is None:
+            lines.append(f"{name}: no ratio, {r['baseline']} sustained none of the NPC counts tried")
+        elif r["low"] == r["high"]:
+            lines.append(f"{name}: {r['ratio']}x")
+        else:
+            low = f"at least {r['low']}x" if r["low"] is not None else "no lower limit"
+            high = f"at most {r['high']}x" if r["high"] is not None else "no upper limit"
+            lines.append(f"{name}: {r['ratio']}x as found ({low}, {high}, from the trials' brackets)")
     return lines

@@ -3,10 +3,10 @@
 A load test is a small denial-of-service by design, so it refuses any
 address that is not loopback unless the operator says `--allow-remote`.
 
-Servers it starts itself (the daemon, the naive sidecar) run as separate
+Servers it starts itself (the daemon, the baseline sidecars) run as separate
 processes, never in the load generator's own interpreter: the client's
-Python work must not share a GIL with the server under test, and the two
-servers are measured the same way.
+Python work must not share a GIL with the server under test, and the
+servers are all measured the same way.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
+from npcd.engine.config import EngineConfig
 from npcd.service._proto import npcd_pb2 as pb
 from npcd.service._proto import npcd_pb2_grpc
+from npcd.tools.loadtest import llamacpp_gguf
 
 READY_POLL_S = 0.25
 STOP_TIMEOUT_S = 20.0
@@ -90,23 +94,24 @@ class ServerProcess:
         return self
 
     def _wait_ready(self) -> None:
+        """Polls ListPersonas on a fresh channel each time: a channel that has failed to connect backs off
+        (seconds, growing), which would notice a slow start that much later."""
         deadline = time.monotonic() + self.start_timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            stub = npcd_pb2_grpc.NpcdStub(channel)
-            while True:
-                code = self._proc.poll()
-                if code is not None:
-                    raise RuntimeError(f"the {self.name} exited with code {code} before serving; "
-                                       f"its log ({self._log.name}) ends:\n{self.log_tail()}")
-                try:
-                    stub.ListPersonas(pb.ListPersonasRequest(), timeout=1.0)
-                    return
-                except grpc.RpcError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the {self.name} did not answer on {self.address} within "
-                                           f"{self.start_timeout_s:g} s; its log ({self._log.name}) ends:\n"
-                                           f"{self.log_tail()}") from None
-                    time.sleep(READY_POLL_S)
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise RuntimeError(f"the {self.name} exited with code {code} before serving; "
+                                   f"its log ({self._log.name}) ends:\n{self.log_tail()}")
+            try:
+                with grpc.insecure_channel(self.address) as channel:
+                    npcd_pb2_grpc.NpcdStub(channel).ListPersonas(pb.ListPersonasRequest(), timeout=1.0)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {self.name} did not answer on {self.address} within "
+                                       f"{self.start_timeout_s:g} s; its log ({self._log.name}) ends:\n"
+                                       f"{self.log_tail()}") from None
+                time.sleep(READY_POLL_S)
 
     def stop(self, keep_log: bool = False) -> None:
         """SIGTERM, then SIGKILL if it has not exited in STOP_TIMEOUT_S; the log is kept only when asked."""
@@ -135,8 +140,31 @@ def daemon(personas: Path, engine: Path, metrics: bool = True) -> tuple[ServerPr
     return ServerProcess("daemon", args, address), url
 
 
-def naive_sidecar(personas: Path, base: str, threads: int) -> ServerProcess:
-    address = f"127.0.0.1:{free_port()}"
-    args = ["npcd.cli.naive_sidecar", "--listen", address, "--personas", str(personas), "--base", base,
-            "--threads", str(threads)]
-    return ServerProcess("naive sidecar", args, address)
+def _nothing_missing() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A sidecar the daemon is compared with: same API, one request at a time (`npcd.tools.loadtest.sidecar`)."""
+
+    server: str        # its name in reports, tables and plots
+    flag: str          # its flags: --compare-FLAG, --FLAG-loads
+    description: str
+    module: str        # its `python -m` entry point, which takes the flags of `npcd.cli.naive_sidecar`
+    missing: Callable[[], str | None] = _nothing_missing  # why it cannot run here, naming what installs it
+
+    def process(self, personas: Path, engine: EngineConfig) -> ServerProcess:
+        """The sidecar on a free loopback port, with the daemon engine's base model, threads and max_seq_len."""
+        address = f"127.0.0.1:{free_port()}"
+        args = [self.module, "--listen", address, "--personas", str(personas), "--base", engine.base,
+                "--threads", str(engine.threads), "--max-seq-len", str(engine.max_seq_len)]
+        return ServerProcess(f"{self.server} sidecar", args, address)
+
+
+BASELINES = (
+    Baseline("naive", "naive", "transformers + PEFT, one request at a time, adapter switched per request",
+             "npcd.cli.naive_sidecar"),
+    Baseline("llama.cpp", "llamacpp", "llama-cpp-python, the bundled Q4_1 GGUF, one request at a time, the persona's "
+             "LoRA set per request", "npcd.cli.llamacpp_sidecar", llamacpp_gguf.missing),
+)
