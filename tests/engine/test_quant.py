@@ -3,6 +3,8 @@ companions, and which mode `auto` picks where."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ needs_kernel = pytest.mark.skipif(why_unavailable() is not None, reason=f"block 
 
 LINES = ["Who are you, and why do you hate the king?", "What do you sell, merchant?",
          "Tell me a story about a lighthouse.", "Halt! Papers, please."]
+PERSONA_ADAPTERS = Path(__file__).resolve().parents[2] / "personas" / "adapters"
+ADAPTERS = ("forest_elf", "merchant", "town_guard")  # the shipped ones: bf16 stacks in the block modes
 MORE_LINES = ["The dragon burned the mill last night.", "Can you fix my sword?",
               "What news from the capital?", "Why are the wolves so bold this winter?"]
 
@@ -52,12 +56,15 @@ def test_quantized_modes_stay_close_to_fp32_on_the_real_model(real_model_dir, fp
 @pytest.mark.parametrize("mode", ["fp32", pytest.param("int4", marks=needs_kernel)])
 def test_greedy_and_seeded_text_alone_equals_batched(real_model_dir, mode):
     engine = Engine(EngineConfig(base=str(real_model_dir), weights=mode, max_batch_size=8, max_seq_len=128))
+    for name in ADAPTERS:
+        engine.load_adapter(name, str(PERSONA_ADAPTERS / name))
+    adapters = [*ADAPTERS, None] * 2  # mixed adapters and base rows in one batch
     prompts = chat_prompts(engine, LINES + MORE_LINES)
     for temperature, seed in ((0.0, None), (0.8, 7)):
         def requests(tag: str) -> list[GenerationRequest]:
             return [GenerationRequest(f"{tag}{i}", p, SamplingParams(max_tokens=24, temperature=temperature,
-                                                                     seed=seed, ignore_eos=True))
-                    for i, p in enumerate(prompts)]
+                                                                     seed=seed, ignore_eos=True), adapter=a)
+                    for i, (p, a) in enumerate(zip(prompts, adapters))]
         alone = [engine.generate([r])[0].text for r in requests("alone")]
         batched = [f.text for f in engine.generate(requests("batched"))]
         assert alone == batched, temperature
