@@ -155,8 +155,8 @@ class Scheduler:
         decode_owed = self._policy == "alternate" and self._last_was_prefill and decoding > 0
         budget = 0 if decode_owed else self._token_budget
         newcomers: list[Sequence] = []
-        if len(self.waiting) and budget > sum(len(seq.prompt) - seq.kv_len for seq in prefilling):
-            left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling)
+        left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling)  # after the rows already prefilling
+        if len(self.waiting) and left > 0:
             newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._can_run)
         plan = StepPlan(decode=[], prefill=[], start_slot=decoding)
         for seq in newcomers:
