@@ -10,7 +10,8 @@
  * one Tick, when npcd_poll() (or npcd_flush()) runs.
  *
  * Every request ends with exactly one terminal event: FINISHED or ERROR.
- * STARTED and TEXT_DELTA events come before it; nothing comes after it.
+ * STARTED, TEXT_DELTA, EMOTION and ACTION events come before it; nothing
+ * comes after it.
  * A request in flight when the connection drops ends with ERROR 14
  * (UNAVAILABLE); so does a request flushed while the client is not
  * connected.
@@ -52,7 +53,11 @@ typedef enum npcd_event_kind {
     NPCD_EVENT_STARTED = 1,
     NPCD_EVENT_TEXT_DELTA = 2,
     NPCD_EVENT_FINISHED = 3,
-    NPCD_EVENT_ERROR = 4
+    NPCD_EVENT_ERROR = 4,
+    /* Structured lines only, after some TEXT_DELTAs and before FINISHED, each
+     * at most once, as soon as its value is complete: */
+    NPCD_EVENT_ACTION = 5,  /* action_name, action_args_json */
+    NPCD_EVENT_EMOTION = 6  /* emotion */
 } npcd_event_kind;
 
 /* The same numbers as npcd.v1.FinishReason. */
@@ -78,7 +83,11 @@ typedef enum npcd_connection_state {
 
 /*
  * One event. The strings stay valid until the next npcd_poll() or
- * npcd_client_free() on the same client; copy what you keep.
+ * npcd_client_free() on the same client; copy what you keep. No string is
+ * ever NULL: a field an event does not carry is "".
+ *
+ * The fields after total_ms came with structured output; new fields are only
+ * ever appended, so the offsets of the earlier ones stay.
  */
 typedef struct npcd_event {
     const char *request_id;
@@ -93,6 +102,12 @@ typedef struct npcd_event {
     float queued_ms;
     float first_token_ms;
     float total_ms;
+    /* Structured lines (npcd_request_set_structured, _add_action, _set_response_format): */
+    const char *json;             /* FINISHED: the whole reply, a JSON object; otherwise "" */
+    const char *action_name;      /* ACTION: the action the NPC takes; FINISHED: the same, "" when the reply has none */
+    const char *action_args_json; /* ACTION, and FINISHED with an action: its arguments, a JSON object ("{}" when
+                                     it takes none); otherwise "" */
+    const char *emotion;          /* EMOTION: the label; FINISHED: the same, "" when the reply has none */
 } npcd_event;
 
 /*
@@ -133,6 +148,34 @@ NPCD_API npcd_status npcd_request_set_top_k(npcd_request *request, uint32_t top_
 NPCD_API npcd_status npcd_request_set_repetition_penalty(npcd_request *request, float penalty);
 NPCD_API npcd_status npcd_request_set_seed(npcd_request *request, uint64_t seed);
 NPCD_API npcd_status npcd_request_add_stop(npcd_request *request, const char *stop);
+
+/*
+ * Structured output: the reply is a JSON object {"say": ..., "emotion": ...,
+ * "action": {"name": ..., "args": {...}}}, decoded under a grammar so that it
+ * always parses and holds only declared emotions, actions and arguments.
+ * "say" streams as TEXT_DELTAs (FINISHED's text is the spoken line), then
+ * EMOTION and ACTION events arrive; FINISHED carries them again with the JSON.
+ */
+/* on != 0: reply with the persona's emotions and actions; 0: free text (unless
+ * an action list or a response format is set). */
+NPCD_API npcd_status npcd_request_set_structured(npcd_request *request, int32_t on);
+/*
+ * Adds an action valid right now; once any is added, the reply may take only the
+ * listed actions, not the persona's others (and the request is structured).
+ * Only a name (description and args_schema_json NULL or ""): the persona's action
+ * of that name. With a description or an arguments schema (a JSON Schema of an
+ * object, as JSON text): a new action, used as given. The daemon checks the name
+ * ([a-z][a-z0-9_]*, at most 64 characters) and the schema; a bad one ends the
+ * request with ERROR 3 (INVALID_ARGUMENT) naming the field.
+ */
+NPCD_API npcd_status npcd_request_add_action(npcd_request *request, const char *name,
+                                             const char *description,
+                                             const char *args_schema_json);
+/* A JSON Schema (JSON text) the reply follows instead of the persona's reply shape;
+ * its fields come back in FINISHED's json (its top-level string "say", if any,
+ * streams as text). "" clears it. */
+NPCD_API npcd_status npcd_request_set_response_format(npcd_request *request,
+                                                      const char *schema_json);
 
 /*
  * Queues a copy of the request for the next Tick; the builder may be freed

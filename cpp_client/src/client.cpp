@@ -99,6 +99,10 @@ int32_t npcd_poll(npcd_client* client, npcd_event* events_out, int32_t max) {
         out.queued_ms = e.queued_ms;
         out.first_token_ms = e.first_token_ms;
         out.total_ms = e.total_ms;
+        out.json = e.json.c_str();
+        out.action_name = e.action_name.c_str();
+        out.action_args_json = e.action_args_json.c_str();
+        out.emotion = e.emotion.c_str();
     }
     return n;
 }

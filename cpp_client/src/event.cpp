@@ -30,8 +30,23 @@ bool Event::from_wire(const v1::Event& wire, Event* out) {
             e.queued_ms = f.timings().queued_ms();
             e.first_token_ms = f.timings().first_token_ms();
             e.total_ms = f.timings().total_ms();
+            e.json = f.json();
+            if (f.has_action()) {
+                e.action_name = f.action().name();
+                e.action_args_json = f.action().args_json();
+            }
+            if (f.has_emotion()) e.emotion = f.emotion().label();
             break;
         }
+        case v1::Event::kAction:
+            e.kind = NPCD_EVENT_ACTION;
+            e.action_name = wire.action().name();
+            e.action_args_json = wire.action().args_json();
+            break;
+        case v1::Event::kEmotion:
+            e.kind = NPCD_EVENT_EMOTION;
+            e.emotion = wire.emotion().label();
+            break;
         case v1::Event::kError:
             e.kind = NPCD_EVENT_ERROR;
             e.error_code = wire.error().code();

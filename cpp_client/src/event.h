@@ -21,6 +21,10 @@ struct Event {
     float queued_ms = 0;
     float first_token_ms = 0;
     float total_ms = 0;
+    std::string json;  // FINISHED
+    std::string action_name;  // ACTION, FINISHED
+    std::string action_args_json;
+    std::string emotion;  // EMOTION, FINISHED
 
     bool terminal() const;
 

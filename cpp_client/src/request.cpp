@@ -137,4 +137,29 @@ npcd_status npcd_request_add_stop(npcd_request* request, const char* stop) {
     return NPCD_OK;
 }
 
+npcd_status npcd_request_set_structured(npcd_request* request, int32_t on) {
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    request->message.set_structured(on != 0);
+    return NPCD_OK;
+}
+
+npcd_status npcd_request_add_action(npcd_request* request, const char* name,
+                                    const char* description, const char* args_schema_json) {
+    if (request == nullptr || !npcd::is_utf8(name) || *name == 0 ||
+        (description != nullptr && !npcd::is_utf8(description)) ||
+        (args_schema_json != nullptr && !npcd::is_utf8(args_schema_json)))
+        return NPCD_ERR_INVALID_ARGUMENT;
+    auto* action = request->message.add_actions();
+    action->set_name(name);
+    if (description != nullptr) action->set_description(description);
+    if (args_schema_json != nullptr) action->set_args_schema_json(args_schema_json);
+    return NPCD_OK;
+}
+
+npcd_status npcd_request_set_response_format(npcd_request* request, const char* schema_json) {
+    if (request == nullptr || !npcd::is_utf8(schema_json)) return NPCD_ERR_INVALID_ARGUMENT;
+    request->message.set_response_format(schema_json);
+    return NPCD_OK;
+}
+
 }  // extern "C"

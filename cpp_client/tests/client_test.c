@@ -1,7 +1,10 @@
 /*
  * Tests of the C ABI against a real daemon. One flow per run:
  *
- *   npcd_client_test stream|tick|cancel   needs NPCD_TEST_ADDR (a running daemon)
+ *   npcd_client_test stream|tick|cancel|structured
+ *                                         needs NPCD_TEST_ADDR (a running daemon); structured
+ *                                         also a persona "merchant" that declares emotions
+ *                                         and actions
  *   npcd_client_test restart              needs NPCD_TEST_DAEMON_CMD (starts a daemon in
  *                                         the foreground) and NPCD_TEST_RESTART_ADDR (its address)
  *
@@ -23,6 +26,10 @@
 #define MAX_LINES 32
 #define MAX_PERSONAS 16
 #define TEXT_CAP 4096
+#define NAME_CAP 128
+
+/* The persona of the structured flow: it must declare emotions and actions. */
+#define STRUCTURED_PERSONA "merchant"
 
 static void fail(const char *fmt, ...) {
     va_list ap;
@@ -61,6 +68,18 @@ typedef struct line {
     unsigned completion_tokens;
     char text[TEXT_CAP];     /* the deltas, concatenated */
     char finished[TEXT_CAP]; /* FINISHED text or ERROR message */
+    /* structured lines */
+    int actions;             /* ACTION events */
+    int emotions;            /* EMOTION events */
+    int deltas_before_action;
+    int deltas_before_emotion;
+    char action_name[NAME_CAP];  /* of the ACTION event */
+    char action_args[TEXT_CAP];
+    char emotion[NAME_CAP];      /* of the EMOTION event */
+    char json[TEXT_CAP];         /* FINISHED */
+    char finished_action_name[NAME_CAP];
+    char finished_action_args[TEXT_CAP];
+    char finished_emotion[NAME_CAP];
 } line;
 
 typedef struct lines {
@@ -81,6 +100,11 @@ static void append(char *dst, const char *src) {
     snprintf(dst + n, TEXT_CAP - n, "%s", src);
 }
 
+static void copy_to(char *dst, size_t cap, const char *src) {
+    CHECK(src != NULL, "a NULL string in an event");
+    snprintf(dst, cap, "%s", src);
+}
+
 static void on_event(lines *ls, const npcd_event *e) {
     line *l = NULL;
     for (int i = 0; i < ls->count; i++)
@@ -97,11 +121,28 @@ static void on_event(lines *ls, const npcd_event *e) {
         l->deltas++;
         append(l->text, e->text);
         break;
+    case NPCD_EVENT_ACTION:
+        CHECK(l->started, "ACTION before STARTED for %s", l->id);
+        l->actions++;
+        l->deltas_before_action = l->deltas;
+        copy_to(l->action_name, sizeof l->action_name, e->action_name);
+        copy_to(l->action_args, sizeof l->action_args, e->action_args_json);
+        break;
+    case NPCD_EVENT_EMOTION:
+        CHECK(l->started, "EMOTION before STARTED for %s", l->id);
+        l->emotions++;
+        l->deltas_before_emotion = l->deltas;
+        copy_to(l->emotion, sizeof l->emotion, e->emotion);
+        break;
     case NPCD_EVENT_FINISHED:
         l->done = NPCD_EVENT_FINISHED;
         l->finish_reason = e->finish_reason;
         l->completion_tokens = e->completion_tokens;
         append(l->finished, e->text);
+        copy_to(l->json, sizeof l->json, e->json);
+        copy_to(l->finished_action_name, sizeof l->finished_action_name, e->action_name);
+        copy_to(l->finished_action_args, sizeof l->finished_action_args, e->action_args_json);
+        copy_to(l->finished_emotion, sizeof l->finished_emotion, e->emotion);
         break;
     case NPCD_EVENT_ERROR:
         l->done = NPCD_EVENT_ERROR;
@@ -148,6 +189,29 @@ static void expect_complete_line(const line *l) {
     CHECK(strcmp(l->text, l->finished) == 0, "%s: deltas '%s' != finished text '%s'", l->id,
           l->text, l->finished);
     CHECK(l->completion_tokens > 0, "%s: completion_tokens is 0", l->id);
+}
+
+/* A structured line: its say streamed as text, one EMOTION and one ACTION after some text,
+ * and FINISHED repeating both with the whole JSON reply. */
+static void expect_structured_line(const line *l) {
+    expect_complete_line(l);
+    CHECK(l->emotions == 1, "%s: want one EMOTION event, got %d", l->id, l->emotions);
+    CHECK(l->emotion[0] != 0, "%s: EMOTION with an empty label", l->id);
+    CHECK(l->actions == 1, "%s: want one ACTION event, got %d", l->id, l->actions);
+    CHECK(l->action_name[0] != 0, "%s: ACTION with an empty name", l->id);
+    CHECK(l->action_args[0] == '{', "%s: ACTION args '%s' are not a JSON object", l->id, l->action_args);
+    CHECK(l->deltas_before_emotion > 0 && l->deltas_before_action > 0,
+          "%s: EMOTION/ACTION before any TEXT_DELTA", l->id);
+    CHECK(l->json[0] == '{' && strstr(l->json, "\"say\"") != NULL, "%s: FINISHED json '%s' has no say",
+          l->id, l->json);
+    CHECK(strstr(l->json, l->emotion) != NULL && strstr(l->json, l->action_name) != NULL,
+          "%s: json '%s' lacks emotion '%s' or action '%s'", l->id, l->json, l->emotion, l->action_name);
+    CHECK(strcmp(l->finished_emotion, l->emotion) == 0, "%s: FINISHED emotion '%s' != EMOTION '%s'", l->id,
+          l->finished_emotion, l->emotion);
+    CHECK(strcmp(l->finished_action_name, l->action_name) == 0 &&
+              strcmp(l->finished_action_args, l->action_args) == 0,
+          "%s: FINISHED action %s %s != ACTION %s %s", l->id, l->finished_action_name,
+          l->finished_action_args, l->action_name, l->action_args);
 }
 
 static const char *env_or_skip(const char *name) {
@@ -279,6 +343,81 @@ static void test_cancel(void) {
     npcd_client_free(c);
 }
 
+/* Structured lines: the persona's emotions and actions, a request's own action list, a
+ * response format of the game's, and the argument checks of the new setters. */
+static void test_structured(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    lines ls = {0};
+
+    npcd_request *r = make_request(STRUCTURED_PERSONA, "I'll take the rope. Here's your silver.", 20);
+    CHECK(npcd_request_set_structured(NULL, 1) == NPCD_ERR_INVALID_ARGUMENT, "set_structured(NULL) accepted");
+    CHECK(npcd_request_add_action(NULL, "wave", NULL, NULL) == NPCD_ERR_INVALID_ARGUMENT,
+          "add_action(NULL) accepted");
+    CHECK(npcd_request_add_action(r, NULL, "x", NULL) == NPCD_ERR_INVALID_ARGUMENT, "action without a name accepted");
+    CHECK(npcd_request_add_action(r, "", "x", NULL) == NPCD_ERR_INVALID_ARGUMENT, "action with an empty name accepted");
+    CHECK(npcd_request_add_action(r, "wave", "\xff\xfe", NULL) == NPCD_ERR_INVALID_ARGUMENT,
+          "non-UTF-8 action description accepted");
+    CHECK(npcd_request_add_action(r, "wave", NULL, "{\"a\": \"\xc3\"}") == NPCD_ERR_INVALID_ARGUMENT,
+          "non-UTF-8 action arguments accepted");
+    CHECK(npcd_request_set_response_format(r, NULL) == NPCD_ERR_INVALID_ARGUMENT, "NULL response format accepted");
+    CHECK(npcd_request_set_response_format(r, "\xff") == NPCD_ERR_INVALID_ARGUMENT,
+          "non-UTF-8 response format accepted");
+    CHECK(npcd_request_set_structured(r, 1) == NPCD_OK, "set_structured");
+    line *persona_actions = submit(c, &ls, r); /* the refused calls above added nothing */
+    npcd_request_free(r);
+
+    /* The only action listed: the grammar forces it. No set_structured: a list implies it. */
+    r = make_request(STRUCTURED_PERSONA, "Hello there, Fenwick!", 20);
+    CHECK(npcd_request_add_action(r, "wave", "wave at the player", NULL) == NPCD_OK, "add_action");
+    line *listed = submit(c, &ls, r);
+    npcd_request_free(r);
+
+    /* The persona's own action by name only, and a new one with an arguments schema. */
+    r = make_request(STRUCTURED_PERSONA, "Can you do better on the lantern?", 20);
+    CHECK(npcd_request_add_action(r, "haggle", NULL, "") == NPCD_OK, "add_action by name");
+    CHECK(npcd_request_add_action(r, "point", "point somewhere",
+                                  "{\"type\": \"object\", \"properties\": {\"where\": {\"enum\": [\"north\", \"south\"]}}}") ==
+              NPCD_OK,
+          "add_action with arguments");
+    line *two = submit(c, &ls, r);
+    npcd_request_free(r);
+
+    r = make_request(STRUCTURED_PERSONA, "What do you sell?", 20);
+    CHECK(npcd_request_set_response_format(
+              r, "{\"type\": \"object\", \"properties\": {\"say\": {\"type\": \"string\", \"maxLength\": 60}, "
+                 "\"mood\": {\"enum\": [\"calm\", \"angry\"]}}, \"required\": [\"say\", \"mood\"]}") == NPCD_OK,
+          "set_response_format");
+    line *format = submit(c, &ls, r);
+    npcd_request_free(r);
+
+    r = make_request(STRUCTURED_PERSONA, "Wave!", 20);
+    CHECK(npcd_request_add_action(r, "Wave-Now", "wave", NULL) == NPCD_OK, "add_action (checked by the daemon)");
+    line *bad = submit(c, &ls, r);
+    npcd_request_free(r);
+
+    pump_all_done(c, &ls, 180);
+    expect_structured_line(persona_actions);
+    expect_structured_line(listed);
+    CHECK(strcmp(listed->action_name, "wave") == 0, "the only action listed is wave, got '%s'", listed->action_name);
+    CHECK(strcmp(listed->action_args, "{}") == 0, "wave takes no arguments, got '%s'", listed->action_args);
+    expect_structured_line(two);
+    CHECK(strcmp(two->action_name, "haggle") == 0 || strcmp(two->action_name, "point") == 0,
+          "want haggle or point, got '%s'", two->action_name);
+    expect_complete_line(format);
+    CHECK(format->actions == 0 && format->emotions == 0, "a response format of the game's sent ACTION/EMOTION");
+    CHECK(strstr(format->json, "\"mood\"") != NULL && strstr(format->json, "\"say\"") != NULL,
+          "response format: json '%s' lacks mood or say", format->json);
+    CHECK(format->finished_action_name[0] == 0 && format->finished_emotion[0] == 0,
+          "response format: FINISHED has an action or emotion");
+    CHECK(bad->done == NPCD_EVENT_ERROR && bad->error_code == 3 && strstr(bad->finished, "actions[0].name") != NULL,
+          "a bad action name: want ERROR 3 naming actions[0].name, got done=%d code=%d '%s'", bad->done,
+          bad->error_code, bad->finished);
+    printf("structured: '%s' %s %s %s; listed: %s; format: %s\n", persona_actions->finished,
+           persona_actions->emotion, persona_actions->action_name, persona_actions->action_args,
+           listed->json, format->json);
+    npcd_client_free(c);
+}
+
 static pid_t start_daemon(const char *cmd) {
     pid_t pid = fork();
     CHECK(pid >= 0, "fork failed");
@@ -352,7 +491,7 @@ static void test_restart(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s stream|tick|cancel|restart\n", argv[0]);
+        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -360,6 +499,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "stream") == 0) test_stream();
     else if (strcmp(argv[1], "tick") == 0) test_tick();
     else if (strcmp(argv[1], "cancel") == 0) test_cancel();
+    else if (strcmp(argv[1], "structured") == 0) test_structured();
     else if (strcmp(argv[1], "restart") == 0) test_restart();
     else {
         fprintf(stderr, "unknown flow %s\n", argv[1]);

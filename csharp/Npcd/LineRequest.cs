@@ -15,6 +15,23 @@ namespace Npcd
         }
     }
 
+    /// <summary>An action valid right now. Only a Name: the persona's action of that name.
+    /// With a Description or ArgsSchemaJson (a JSON Schema of an object): a new action, used
+    /// as given.</summary>
+    public struct ActionSpec
+    {
+        public string Name;
+        public string Description;
+        public string ArgsSchemaJson;
+
+        public ActionSpec(string name, string description = null, string argsSchemaJson = null)
+        {
+            Name = name;
+            Description = description;
+            ArgsSchemaJson = argsSchemaJson;
+        }
+    }
+
     /// <summary>What an NPC is asked to answer. Unset (null) sampling values take the
     /// persona's defaults.</summary>
     public sealed class LineRequest
@@ -36,6 +53,17 @@ namespace Npcd
         public float? RepetitionPenalty;
         public ulong? Seed;
         public readonly List<string> Stop = new List<string>();
+
+        /// <summary>Structured output: the reply is JSON {"say", "emotion", "action"} with
+        /// the persona's emotions and actions. "say" streams as text; the line then raises
+        /// EmotionChanged and ActionChosen, and the result carries Json, Action and Emotion.</summary>
+        public bool Structured;
+        /// <summary>The actions valid right now, instead of all of the persona's. Not empty:
+        /// the line is structured.</summary>
+        public readonly List<ActionSpec> Actions = new List<ActionSpec>();
+        /// <summary>A JSON Schema (JSON text) the reply follows instead; its fields come back
+        /// in LineResult.Json (a top-level string "say" streams as text). Implies structured.</summary>
+        public string ResponseFormat;
 
         public LineRequest(string persona, string line)
         {

@@ -11,6 +11,8 @@ namespace Npcd
         // libnpcd_client.so / libnpcd_client.dylib / npcd_client.dll
         private const string Lib = "npcd_client";
 
+        // npcd_event field for field: the same order and types, so the same offsets (new
+        // fields are only ever appended to the C struct, and so here).
         [StructLayout(LayoutKind.Sequential)]
         internal struct NativeEvent
         {
@@ -26,7 +28,19 @@ namespace Npcd
             public float QueuedMs;
             public float FirstTokenMs;
             public float TotalMs;
+            public IntPtr Json;
+            public IntPtr ActionName;
+            public IntPtr ActionArgsJson;
+            public IntPtr Emotion;
         }
+
+        // npcd_event_kind
+        internal const int EventStarted = 1;
+        internal const int EventTextDelta = 2;
+        internal const int EventFinished = 3;
+        internal const int EventError = 4;
+        internal const int EventAction = 5;
+        internal const int EventEmotion = 6;
 
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new(byte[] address, uint initialBackoffMs, uint maxBackoffMs);
         [DllImport(Lib)] internal static extern void npcd_client_free(IntPtr client);
@@ -49,6 +63,10 @@ namespace Npcd
         [DllImport(Lib)] internal static extern int npcd_request_set_repetition_penalty(IntPtr request, float penalty);
         [DllImport(Lib)] internal static extern int npcd_request_set_seed(IntPtr request, ulong seed);
         [DllImport(Lib)] internal static extern int npcd_request_add_stop(IntPtr request, byte[] stop);
+        [DllImport(Lib)] internal static extern int npcd_request_set_structured(IntPtr request, int on);
+        /// <summary>description and argsSchemaJson may be null (passed as NULL).</summary>
+        [DllImport(Lib)] internal static extern int npcd_request_add_action(IntPtr request, byte[] name, byte[] description, byte[] argsSchemaJson);
+        [DllImport(Lib)] internal static extern int npcd_request_set_response_format(IntPtr request, byte[] schemaJson);
 
         [DllImport(Lib)] internal static extern int npcd_submit(IntPtr client, IntPtr request);
         [DllImport(Lib)] internal static extern int npcd_cancel(IntPtr client, byte[] requestId);
@@ -61,6 +79,12 @@ namespace Npcd
             var bytes = new byte[Encoding.UTF8.GetByteCount(s) + 1];
             Encoding.UTF8.GetBytes(s, 0, s.Length, bytes, 0);
             return bytes;
+        }
+
+        /// <summary>Utf8, with null passed on as NULL.</summary>
+        internal static byte[] Utf8OrNull(string s)
+        {
+            return s == null ? null : Utf8(s);
         }
 
         internal static string FromUtf8(IntPtr p)

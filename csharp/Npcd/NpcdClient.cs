@@ -126,18 +126,29 @@ namespace Npcd
             if (!lines.TryGetValue(NativeMethods.FromUtf8(e.RequestId), out line)) return;
             switch (e.Kind)
             {
-                case 1:
+                case NativeMethods.EventStarted:
                     line.OnStarted();
                     break;
-                case 2:
+                case NativeMethods.EventTextDelta:
                     line.OnTextDelta(NativeMethods.FromUtf8(e.Text));
                     break;
-                case 3:
-                    lines.Remove(line.Id);
-                    line.OnEnded(new LineResult(line.Id, (FinishReason)e.FinishReason, NativeMethods.FromUtf8(e.Text),
-                        null, (int)e.PromptTokens, (int)e.CompletionTokens, e.QueuedMs, e.FirstTokenMs, e.TotalMs));
+                case NativeMethods.EventAction:
+                    line.OnAction(new NpcdAction(NativeMethods.FromUtf8(e.ActionName), NativeMethods.FromUtf8(e.ActionArgsJson)));
                     break;
-                case 4:
+                case NativeMethods.EventEmotion:
+                    line.OnEmotion(NativeMethods.FromUtf8(e.Emotion));
+                    break;
+                case NativeMethods.EventFinished:
+                    lines.Remove(line.Id);
+                    string actionName = NativeMethods.FromUtf8(e.ActionName);
+                    string emotion = NativeMethods.FromUtf8(e.Emotion);
+                    line.OnEnded(new LineResult(line.Id, (FinishReason)e.FinishReason, NativeMethods.FromUtf8(e.Text),
+                        null, (int)e.PromptTokens, (int)e.CompletionTokens, e.QueuedMs, e.FirstTokenMs, e.TotalMs,
+                        NativeMethods.FromUtf8(e.Json),
+                        actionName.Length > 0 ? new NpcdAction(actionName, NativeMethods.FromUtf8(e.ActionArgsJson)) : null,
+                        emotion.Length > 0 ? emotion : null));
+                    break;
+                case NativeMethods.EventError:
                     lines.Remove(line.Id);
                     var error = new NpcdError(e.ErrorCode, NativeMethods.FromUtf8(e.ErrorStatus), NativeMethods.FromUtf8(e.Text));
                     line.OnEnded(new LineResult(line.Id, FinishReason.Unspecified, line.Text, error, 0, 0, 0, 0, 0));

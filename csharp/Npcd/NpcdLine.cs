@@ -4,8 +4,10 @@ using System.Threading.Tasks;
 namespace Npcd
 {
     /// <summary>One requested line. Its events fire inside NpcdClient.Poll, on the thread
-    /// that polls: Started, TextDelta*, then Finished or Failed. Completion completes at the
-    /// same time as Finished or Failed, never faults, and carries the same result.</summary>
+    /// that polls: Started, TextDelta*, then Finished or Failed. A structured line also
+    /// raises EmotionChanged and ActionChosen (each at most once, after some text, before
+    /// Finished). Completion completes at the same time as Finished or Failed, never faults,
+    /// and carries the same result.</summary>
     public sealed class NpcdLine
     {
         private readonly NpcdClient client;
@@ -16,12 +18,18 @@ namespace Npcd
         /// <summary>The text so far: the deltas received, concatenated.</summary>
         public string Text { get; private set; }
         public bool IsStarted { get; private set; }
+        /// <summary>The action the NPC takes (structured lines); null until ActionChosen.</summary>
+        public NpcdAction Action { get; private set; }
+        /// <summary>The emotion of the line (structured lines); null until EmotionChanged.</summary>
+        public string Emotion { get; private set; }
         public bool IsDone { get { return Result != null; } }
         public LineResult Result { get; private set; }
         public Task<LineResult> Completion { get { return completion.Task; } }
 
         public event Action<NpcdLine> Started;
         public event Action<NpcdLine, string> TextDelta;
+        public event Action<NpcdLine, NpcdAction> ActionChosen;
+        public event Action<NpcdLine, string> EmotionChanged;
         public event Action<NpcdLine, LineResult> Finished;
         public event Action<NpcdLine, NpcdError> Failed;
 
@@ -52,6 +60,20 @@ namespace Npcd
             Text += text;
             var handler = TextDelta;
             if (handler != null) handler(this, text);
+        }
+
+        internal void OnAction(NpcdAction action)
+        {
+            Action = action;
+            var handler = ActionChosen;
+            if (handler != null) handler(this, action);
+        }
+
+        internal void OnEmotion(string label)
+        {
+            Emotion = label;
+            var handler = EmotionChanged;
+            if (handler != null) handler(this, label);
         }
 
         internal void OnEnded(LineResult result)

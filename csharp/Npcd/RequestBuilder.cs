@@ -39,6 +39,14 @@ namespace Npcd
                     if (stop == null) throw new ArgumentException("a Stop string is null", "request");
                     Check(NativeMethods.npcd_request_add_stop(p, NativeMethods.Utf8(stop)), "Stop");
                 }
+                if (r.Structured) Check(NativeMethods.npcd_request_set_structured(p, 1), "Structured");
+                foreach (var action in r.Actions)
+                {
+                    if (string.IsNullOrEmpty(action.Name)) throw new ArgumentException("an action has no Name", "request");
+                    Check(NativeMethods.npcd_request_add_action(p, NativeMethods.Utf8(action.Name),
+                        NativeMethods.Utf8OrNull(action.Description), NativeMethods.Utf8OrNull(action.ArgsSchemaJson)), "Actions");
+                }
+                if (r.ResponseFormat != null) Check(NativeMethods.npcd_request_set_response_format(p, NativeMethods.Utf8(r.ResponseFormat)), "ResponseFormat");
                 return p;
             }
             catch

@@ -46,7 +46,28 @@ namespace Npcd
         }
     }
 
-    /// <summary>How a line ended. Error is null when it finished; then Reason says why.</summary>
+    /// <summary>An action an NPC takes in a structured line: its name and its arguments, a
+    /// JSON object ("{}" when it takes none). Parse ArgsJson with the game's JSON library.</summary>
+    public sealed class NpcdAction
+    {
+        public readonly string Name;
+        public readonly string ArgsJson;
+
+        public NpcdAction(string name, string argsJson)
+        {
+            Name = name;
+            ArgsJson = argsJson;
+        }
+
+        public override string ToString()
+        {
+            return Name + " " + ArgsJson;
+        }
+    }
+
+    /// <summary>How a line ended. Error is null when it finished; then Reason says why.
+    /// Structured lines: Text is the spoken line, Json the whole reply, Action and Emotion
+    /// what it chose (null when it has none). Json is empty for a plain line.</summary>
     public sealed class LineResult
     {
         public readonly string RequestId;
@@ -58,10 +79,13 @@ namespace Npcd
         public readonly float QueuedMs;
         public readonly float FirstTokenMs;
         public readonly float TotalMs;
+        public readonly string Json;
+        public readonly NpcdAction Action;
+        public readonly string Emotion;
 
         internal LineResult(string requestId, FinishReason reason, string text, NpcdError error,
                             int promptTokens, int completionTokens, float queuedMs, float firstTokenMs,
-                            float totalMs)
+                            float totalMs, string json = "", NpcdAction action = null, string emotion = null)
         {
             RequestId = requestId;
             Reason = reason;
@@ -72,6 +96,9 @@ namespace Npcd
             QueuedMs = queuedMs;
             FirstTokenMs = firstTokenMs;
             TotalMs = totalMs;
+            Json = json ?? string.Empty;
+            Action = action;
+            Emotion = emotion;
         }
 
         public bool Failed { get { return Error != null; } }

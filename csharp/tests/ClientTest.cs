@@ -1,6 +1,8 @@
 // Tests of the C# binding against a real daemon, through the native library. One flow per
 // run, with the same environment as the C tests (cpp_client/tests/client_test.c):
 //   mono ClientTest.exe stream|tick|cancel   needs NPCD_TEST_ADDR
+//   mono ClientTest.exe structured           needs NPCD_TEST_ADDR and a persona "merchant" that
+//                                            declares emotions and actions
 //   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
 // All flows need NPCD_TEST_PERSONAS. Exits 0 on success, 1 on failure, 77 when the
 // environment is missing.
@@ -22,12 +24,16 @@ internal sealed class Recorder
     public readonly NpcdLine Line;
     public readonly List<string> Kinds = new List<string>();
     public string Deltas = string.Empty;
+    public readonly List<NpcdAction> Actions = new List<NpcdAction>();
+    public readonly List<string> Emotions = new List<string>();
 
     public Recorder(NpcdLine line)
     {
         Line = line;
         line.Started += l => Record("started");
         line.TextDelta += (l, text) => { Record("delta"); Deltas += text; };
+        line.ActionChosen += (l, action) => { Record("action"); Actions.Add(action); };
+        line.EmotionChanged += (l, label) => { Record("emotion"); Emotions.Add(label); };
         line.Finished += (l, result) => Record("finished");
         line.Failed += (l, error) => Record("failed");
     }
@@ -38,6 +44,8 @@ internal sealed class Recorder
             throw new TestFailure(Line.Id + ": " + kind + " after the end");
         if (kind == "delta" && !Kinds.Contains("started"))
             throw new TestFailure(Line.Id + ": delta before started");
+        if ((kind == "action" || kind == "emotion") && !Kinds.Contains("delta"))
+            throw new TestFailure(Line.Id + ": " + kind + " before any delta");
         if (kind == "started" && Kinds.Count > 0)
             throw new TestFailure(Line.Id + ": started twice or late");
         Kinds.Add(kind);
@@ -54,6 +62,22 @@ internal sealed class Recorder
         Test.Check(Deltas == r.Text && Line.Text == r.Text, Line.Id + ": deltas '" + Deltas + "' != finished text '" + r.Text + "'");
         Test.Check(r.CompletionTokens > 0, Line.Id + ": no completion tokens");
         Test.Check(Line.Completion.IsCompleted && Line.Completion.Result == r, Line.Id + ": Completion does not match");
+    }
+
+    /// <summary>A structured line: its say streamed as text, one emotion and one action, and
+    /// the result repeating both with the whole JSON reply.</summary>
+    public void ExpectStructured()
+    {
+        ExpectComplete();
+        var r = Line.Result;
+        Test.Check(Emotions.Count == 1 && !string.IsNullOrEmpty(Emotions[0]), Line.Id + ": want one non-empty emotion, got " + Emotions.Count);
+        Test.Check(Actions.Count == 1 && !string.IsNullOrEmpty(Actions[0].Name), Line.Id + ": want one named action, got " + Actions.Count);
+        Test.Check(Actions[0].ArgsJson.StartsWith("{"), Line.Id + ": action args '" + Actions[0].ArgsJson + "' are not a JSON object");
+        Test.Check(Line.Emotion == Emotions[0] && Line.Action == Actions[0], Line.Id + ": Line.Emotion / Line.Action differ from the events");
+        Test.Check(r.Json.StartsWith("{") && r.Json.Contains("\"say\""), Line.Id + ": json '" + r.Json + "' has no say");
+        Test.Check(r.Emotion == Emotions[0], Line.Id + ": result emotion '" + r.Emotion + "' != '" + Emotions[0] + "'");
+        Test.Check(r.Action != null && r.Action.Name == Actions[0].Name && r.Action.ArgsJson == Actions[0].ArgsJson,
+                   Line.Id + ": result action " + r.Action + " != " + Actions[0]);
     }
 }
 
@@ -187,6 +211,55 @@ internal static class Test
         }
     }
 
+    private const string StructuredPersona = "merchant";
+
+    private static void Structured()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var request = Request(StructuredPersona, "I'll take the rope. Here's your silver.", 20);
+            request.Structured = true;
+            var persona = Say(client, request);
+
+            // The only action listed: the grammar forces it. Not Structured: a list implies it.
+            var listedRequest = Request(StructuredPersona, "Hello there, Fenwick!", 20);
+            listedRequest.Actions.Add(new ActionSpec("wave", "wave at the player"));
+            var listed = Say(client, listedRequest);
+
+            var formatRequest = Request(StructuredPersona, "What do you sell?", 20);
+            formatRequest.ResponseFormat = "{\"type\": \"object\", \"properties\": {\"say\": {\"type\": \"string\", \"maxLength\": 60}, "
+                + "\"mood\": {\"enum\": [\"calm\", \"angry\"]}}, \"required\": [\"say\", \"mood\"]}";
+            var format = Say(client, formatRequest);
+
+            var badRequest = Request(StructuredPersona, "Wave!", 20);
+            badRequest.Actions.Add(new ActionSpec("Wave-Now", "wave"));
+            var bad = Say(client, badRequest);
+
+            var nameless = Request(StructuredPersona, "Hm?", 20);
+            nameless.Actions.Add(new ActionSpec(null, "no name"));
+            bool refused = false;
+            try { client.Say(nameless); } catch (ArgumentException) { refused = true; }
+            Check(refused, "an action without a name was accepted");
+
+            PumpUntil(client, () => client.ActiveLines == 0, 180, "the structured lines to end");
+            persona.ExpectStructured();
+            listed.ExpectStructured();
+            Check(listed.Actions[0].Name == "wave", "the only action listed is wave, got " + listed.Actions[0].Name);
+            Check(listed.Actions[0].ArgsJson == "{}", "wave takes no arguments, got " + listed.Actions[0].ArgsJson);
+            format.ExpectComplete();
+            var f = format.Line.Result;
+            Check(format.Actions.Count == 0 && format.Emotions.Count == 0 && f.Action == null && f.Emotion == null,
+                  "a response format of the game's raised an action or emotion");
+            Check(f.Json.Contains("\"mood\"") && f.Json.Contains("\"say\""), "response format: json '" + f.Json + "' lacks mood or say");
+            var b = bad.Line.Result;
+            Check(b.Failed && b.Error.Code == 3 && b.Error.Message.Contains("actions[0].name"),
+                  "a bad action name: want error 3 naming actions[0].name, got " + b.Error);
+            var p = persona.Line.Result;
+            Console.WriteLine("structured: '" + p.Text + "' " + p.Emotion + " " + p.Action + "; listed: " + listed.Line.Result.Json
+                              + "; format: " + f.Json);
+        }
+    }
+
     private static Process StartDaemon()
     {
         var info = new ProcessStartInfo("/bin/sh", "-c 'eval \"exec $NPCD_TEST_DAEMON_CMD\"'") { UseShellExecute = false };
@@ -245,7 +318,7 @@ internal static class Test
     {
         if (args.Length != 1)
         {
-            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|restart");
+            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart");
             return 2;
         }
         personas = Env("NPCD_TEST_PERSONAS").Split(',');
@@ -256,6 +329,7 @@ internal static class Test
                 case "stream": Stream(); break;
                 case "tick": Tick(); break;
                 case "cancel": Cancel(); break;
+                case "structured": Structured(); break;
                 case "restart": Restart(); break;
                 default:
                     Console.Error.WriteLine("unknown flow " + args[0]);

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--deadline-ms", type=int, default=0)
+    parser.add_argument("--actions", action="store_true",
+                        help="structured reply: stream the line, then print the emotion and action the NPC chose "
+                             "from its persona's `emotions` and `actions`")
     parser.add_argument("--address", help="daemon address (default: listen from npcd.yaml / NPCD_LISTEN)")
     parser.add_argument("--local", action="store_true",
                         help="start an in-process daemon on a free loopback port instead of calling one")
@@ -44,7 +47,7 @@ def request_from_args(args: argparse.Namespace):
             setattr(sampling, name, getattr(args, name))
     return pb.SayRequest(request_id="cli", persona=args.persona, npc_id=args.npc_id, speaker=args.speaker,
                          line=args.line, context=context, sampling=sampling, priority=pb.PRIORITY_PLAYER,
-                         deadline_ms=args.deadline_ms)
+                         deadline_ms=args.deadline_ms, structured=args.actions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +80,10 @@ def say(address: str, request, timeout_s: float) -> int:
                 if kind == "delta":
                     sys.stdout.write(event.delta.text)
                     sys.stdout.flush()
+                elif kind == "emotion":
+                    print(f"\n[emotion: {event.emotion.label}]", end="", flush=True)
+                elif kind == "action":
+                    print(f"\n[action: {event.action.name} {event.action.args_json}]", end="", flush=True)
                 elif kind == "finished":
                     f = event.finished
                     reason = pb.FinishReason.Name(f.reason).removeprefix("FINISH_REASON_").lower()

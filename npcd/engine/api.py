@@ -96,6 +96,19 @@ STOP_STRINGS = Bound(0, 8, kind=int, unit="strings")
 STOP_CHARS = Bound(1, 64, kind=int, unit="characters")  # of each stop string
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The reply must be JSON that follows `schema` (grammar-constrained decoding, per row of a batch).
+
+    `text_field` names a top-level string the engine streams as TextDeltas while it is generated (decoded out of
+    the JSON string, escapes and all): the NPC's spoken line. Every other top-level field arrives as a FieldDone
+    event the moment its value is complete.
+    """
+
+    schema: str                   # JSON Schema text; equal texts share one compiled grammar
+    text_field: str | None = None
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
@@ -105,6 +118,7 @@ class GenerationRequest:
     prefix_len: int = 0          # leading prompt tokens shared by a persona's requests (KV reused)
     priority: int = 0            # higher is scheduled first (player-facing > ambient)
     deadline: float | None = None  # time.monotonic() after which the request is ended
+    structured: StructuredOutput | None = None  # None: free text
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,15 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class FieldDone:
+    """A structured reply's top-level field, complete: its key and JSON value (an emotion label, an action)."""
+
+    request_id: str
+    name: str
+    value: object
+
+
+@dataclass(frozen=True)
 class Finished:
     request_id: str
     reason: FinishReason
@@ -131,9 +154,10 @@ class Finished:
     total_ms: float        # submit -> finished
     cached_prompt_tokens: int = 0  # prompt tokens served from the persona prefix cache
     error: str | None = None
+    json: str = ""  # structured requests: the whole reply as generated (valid JSON when reason is STOP)
 
 
-Event = Union[Started, TextDelta, Finished]
+Event = Union[Started, TextDelta, FieldDone, Finished]
 
 
 class BackendError(Exception):
@@ -212,6 +236,11 @@ class Backend(Protocol):
         ...
 
     def cancel(self, request_id: str) -> None: ...
+
+    def check_schema(self, schema: str) -> None:
+        """Compiles a StructuredOutput schema now (cached for its requests); raises InvalidRequest naming what
+        the grammar compiler could not take."""
+        ...
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
         """Load (or replace) a PEFT adapter; running requests keep the version they started with."""

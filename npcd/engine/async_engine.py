@@ -179,6 +179,9 @@ class AsyncEngine:
         self.engine.cancel(request_id)
         self._wake.set()
 
+    def check_schema(self, schema: str) -> None:
+        self.engine.check_schema(schema)  # thread-safe; compiling touches no engine state
+
     def _call(self, fn: Callable[[], object]) -> object:
         """Runs fn on the engine thread at a step boundary and waits for it."""
         if self._thread is None:

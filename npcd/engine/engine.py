@@ -42,6 +42,7 @@ from npcd.engine.api import (
 )
 from npcd.engine.config import EngineConfig
 from npcd.engine.detokenizer import IncrementalDetokenizer
+from npcd.engine.grammar import Grammars
 from npcd.engine.kv_cache import KVCache, PrefixCache
 from npcd.engine.lora import LoraStacks
 from npcd.engine.model import LlamaModel
@@ -87,7 +88,8 @@ class Engine:
         self.eos_ids = frozenset(eos)
         self.scheduler = Scheduler(config, self.kv, self.prefix_cache, self._can_run)
         self.runner = ModelRunner(self.model, self.kv, self.stacks, self.prefix_cache, self.device)
-        self.postprocessor = Postprocessor(self.eos_ids, config.max_seq_len)
+        self.postprocessor = Postprocessor(self.eos_ids, config.max_seq_len, spec.vocab_size)
+        self.grammars = Grammars(self.tokenizer, spec.vocab_size, self.eos_ids)
         self.warmup_ms = self._warm_up()
 
         self.by_id: dict[str, Sequence] = {}
@@ -143,6 +145,7 @@ class Engine:
         for req, sink in items:
             try:
                 self.validate(req)
+                grammar = self.grammars.row(req.structured, req.sampling.max_tokens) if req.structured else None
                 with self._lock:
                     version = None
                     if req.adapter is not None:
@@ -159,7 +162,8 @@ class Engine:
             errors.append(None)
             accepted.append(Sequence(request=req, adapter=version, sink=sink,
                                      sampler=SamplerState(req.sampling, seen=set(req.prompt_ids)),
-                                     detok=IncrementalDetokenizer(self.tokenizer, req.sampling.stop)))
+                                     detok=IncrementalDetokenizer(self.tokenizer, () if grammar else req.sampling.stop),
+                                     grammar=grammar))
         if accepted:
             self._inbox.put(lambda: [self._enqueue(seq) for seq in accepted])
         return errors
@@ -176,6 +180,10 @@ class Engine:
             self.registry.acquire(seq.adapter)
         self.by_id[rid] = seq
         seq.sink(Started(rid, self.scheduler.push(seq)))
+
+    def check_schema(self, schema: str) -> None:
+        """Thread-safe: compiles a structured-output schema (cached); raises InvalidRequest when it cannot."""
+        self.grammars.compile(schema)
 
     def cancel(self, request_id: str) -> None:
         """Thread-safe: the request ends (and frees its slot) at the next step boundary."""
@@ -273,8 +281,10 @@ class Engine:
         del self.by_id[seq.request_id]
         now = time.monotonic()
         ms = lambda t: (t - seq.arrival) * 1000.0 if t else 0.0  # noqa: E731
+        text = seq.detok.text[:seq.detok.emitted]
         seq.sink(Finished(
-            request_id=seq.request_id, reason=reason, text=seq.detok.text[:seq.detok.emitted],
+            request_id=seq.request_id, reason=reason, text=seq.grammar.reply.text if seq.grammar else text,
+            json=text if seq.grammar else "",
             prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
             queued_ms=ms(seq.scheduled_at or now), first_token_ms=ms(seq.first_token_at),
             total_ms=ms(now), cached_prompt_tokens=seq.cached, error=error))

@@ -6,14 +6,16 @@ import time
 
 import torch
 
-from npcd.engine.api import FinishReason, TextDelta
+from npcd.engine.api import FieldDone, FinishReason, TextDelta
+from npcd.engine.grammar import Constrainer
 from npcd.engine.sampler import sample
 from npcd.engine.sequence import Sequence
 
 
 class Postprocessor:
-    def __init__(self, eos_ids: frozenset[int], max_seq_len: int):
+    def __init__(self, eos_ids: frozenset[int], max_seq_len: int, vocab_size: int):
         self.eos_ids, self.max_seq_len = eos_ids, max_seq_len
+        self.constrainer = Constrainer(vocab_size)
         self.tokens_generated = 0  # since start
 
     def process(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, FinishReason]]:
@@ -21,7 +23,9 @@ class Postprocessor:
 
         A finishing row's last text is sent here too, so the caller only has to retire it.
         """
-        ids = sample(logits.cpu(), [s.sampler for s in seqs])
+        logits = logits.cpu()
+        self.constrainer.apply(logits, [s.grammar for s in seqs])
+        ids = sample(logits, [s.sampler for s in seqs])
         now = time.monotonic()
         finished: list[tuple[Sequence, FinishReason]] = []
         for seq, tok in zip(seqs, ids):
@@ -36,6 +40,12 @@ class Postprocessor:
                 self._send(seq, seq.detok.flush())
                 finished.append((seq, FinishReason.STOP))
                 continue
+            if seq.grammar is not None:
+                if self._structured(seq, tok):
+                    finished.append((seq, FinishReason.STOP))
+                elif len(seq.generated) >= seq.token_budget or seq.length >= self.max_seq_len:
+                    finished.append((seq, FinishReason.LENGTH))
+                continue
             delta, stopped = seq.detok.push(tok)
             if stopped:
                 self._send(seq, delta)
@@ -46,6 +56,20 @@ class Postprocessor:
             else:
                 self._send(seq, delta)
         return finished
+
+    def _structured(self, seq: Sequence, tok: int) -> bool:
+        """Feeds a constrained row's token through its grammar and reply stream; True once the JSON is closed
+        (the row ends there, without spending a step on the end-of-turn token the grammar would allow next)."""
+        grammar = seq.grammar
+        assert grammar is not None
+        grammar.accept(tok)
+        delta, _ = seq.detok.push(tok)  # no stop strings: the grammar's end ends the line
+        text, fields = grammar.reply.feed(delta)
+        self._send(seq, text)
+        for name, value in fields:
+            if name != grammar.reply.text_field:  # that one went out as text
+                seq.sink(FieldDone(seq.request_id, name, value))
+        return grammar.reply.complete
 
     @staticmethod
     def _send(seq: Sequence, text: str) -> None:

@@ -9,6 +9,7 @@ from typing import Callable
 from npcd.engine.adapters import AdapterVersion
 from npcd.engine.api import Event, GenerationRequest
 from npcd.engine.detokenizer import IncrementalDetokenizer
+from npcd.engine.grammar import STRUCTURE_TOKENS, RowGrammar
 from npcd.engine.sampler import SamplerState
 
 Sink = Callable[[Event], None]  # called on the engine thread with each of the request's events
@@ -21,6 +22,7 @@ class Sequence:
     sink: Sink
     sampler: SamplerState
     detok: IncrementalDetokenizer
+    grammar: RowGrammar | None = None  # structured requests: the grammar its tokens follow
     arrival: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     cached: int = 0               # prompt tokens whose KV came from the prefix cache
@@ -45,6 +47,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.request.prompt_ids) + len(self.generated)
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens it may generate: max_tokens, and for a structured reply the JSON around the line too."""
+        return self.request.sampling.max_tokens + (STRUCTURE_TOKENS if self.grammar is not None else 0)
 
     @property
     def prefilled(self) -> bool:

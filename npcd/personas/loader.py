@@ -18,16 +18,29 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from npcd.engine.api import SAMPLING_BOUNDS, STOP_CHARS, STOP_STRINGS, SamplingParams
+from npcd.personas.actions import (
+    ACTION_NAME,
+    EMOTION_CHARS,
+    MAX_ACTIONS,
+    MAX_EMOTIONS,
+    Action,
+    action_args_problem,
+    canonical,
+    reply_schema,
+)
 from npcd.personas.prompt import DEFAULT_TEMPLATE, TemplateProblem, check_template
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOP_LEVEL_KEYS = (
     "id", "display_name", "description", "adapter", "system_prompt", "template",
-    "sampling", "stop", "few_shot", "examples", "metadata",
+    "sampling", "stop", "few_shot", "examples", "metadata", "actions", "emotions", "situations",
 )
 REQUIRED_KEYS = ("id", "display_name", "description", "system_prompt")
 EXAMPLE_KEYS = ("speaker", "line", "reply", "context")
+ACTION_KEYS = ("name", "description", "args")
+SITUATION_KEYS = ("speaker", "line", "context", "expect")
+
 # In every run of 20 examples these positions are held out for evaluation: a fixed
 # 15% split by index, so training and evaluation never disagree on which is which.
 HELD_OUT_POSITIONS = frozenset({6, 13, 19})
@@ -76,6 +89,16 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Situation:
+    """A labelled moment for `npcd eval`: a line said to the NPC and the actions that fit it."""
+
+    speaker: str
+    line: str
+    expect: tuple[str, ...]
+    context: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
 class Persona:
     id: str
     display_name: str
@@ -90,6 +113,9 @@ class Persona:
     metadata: dict[str, Any] = field(hash=False)
     source: Path
     digest: str
+    actions: tuple[Action, ...] = ()
+    emotions: tuple[str, ...] = ()
+    situations: tuple[Situation, ...] = ()
 
     @property
     def train_examples(self) -> tuple[Example, ...]:
@@ -117,6 +143,10 @@ class Persona:
         values = asdict(self.sampling) | dict(overrides or {})
         stop = self.stop + tuple(s for s in extra_stop if s not in self.stop)
         return SamplingParams(**values, seed=seed, stop=stop)
+
+    def reply_schema(self, actions: Sequence[Action] | None = None) -> str:
+        """The JSON Schema text of its structured lines: its emotions, and its actions or those valid now."""
+        return canonical(reply_schema(self.actions if actions is None else actions, self.emotions))
 
     @property
     def default_adapter_dir(self) -> Path:
@@ -290,6 +320,74 @@ def _stop(src: _Source, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _list(src: _Source, keys: list[str | int], value: Any, limit: int | None = None) -> list:
+    if not isinstance(value, list):
+        raise src.error(keys, f"must be a list, got {_describe(value)}")
+    if limit is not None and len(value) > limit:
+        raise src.error(keys, f"must hold at most {limit} entries, got {len(value)}")
+    return value
+
+
+def _emotions(src: _Source, value: Any) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, raw in enumerate(_list(src, ["emotions"], value, MAX_EMOTIONS)):
+        label = _string(src, ["emotions", i], raw)
+        if len(label) > EMOTION_CHARS:
+            raise src.error(["emotions", i], f"at most {EMOTION_CHARS} characters, got {len(label)}")
+        if label in out:
+            raise src.error(["emotions", i], f"{label!r} is listed twice")
+        out.append(label)
+    return tuple(out)
+
+
+def _actions(src: _Source, value: Any) -> tuple[Action, ...]:
+    out: list[Action] = []
+    for i, item in enumerate(_list(src, ["actions"], value, MAX_ACTIONS)):
+        keys: list[str | int] = ["actions", i]
+        data = _mapping(src, keys, item)
+        _check_keys(src, keys, data, ACTION_KEYS)
+        if "name" not in data:
+            raise src.error(keys, "misses the required key 'name'")
+        name = _string(src, [*keys, "name"], data["name"])
+        if not ACTION_NAME.fullmatch(name):
+            raise src.error([*keys, "name"], f"must match {ACTION_NAME.pattern} (lowercase, digits, _), got {name!r}")
+        if any(a.name == name for a in out):
+            raise src.error([*keys, "name"], f"action {name!r} is declared twice")
+        description = _string(src, [*keys, "description"], data["description"]) if "description" in data else ""
+        args = None
+        if "args" in data:
+            args = _mapping(src, [*keys, "args"], data["args"])
+            problem = action_args_problem(args)
+            if problem:
+                raise src.error([*keys, "args"], problem)
+        out.append(Action(name=name, description=description.strip(), args=args))
+    return tuple(out)
+
+
+def _situations(src: _Source, value: Any, actions: tuple[Action, ...]) -> tuple[Situation, ...]:
+    names = [a.name for a in actions]
+    out = []
+    for i, item in enumerate(_list(src, ["situations"], value)):
+        keys: list[str | int] = ["situations", i]
+        data = _mapping(src, keys, item)
+        _check_keys(src, keys, data, SITUATION_KEYS)
+        for required in ("line", "expect"):
+            if required not in data:
+                raise src.error(keys, f"misses the required key {required!r}")
+        expect = data["expect"] if isinstance(data["expect"], list) else [data["expect"]]
+        for name in expect:
+            if name not in names:
+                known = ", ".join(names) or "none: declare `actions` first"
+                raise src.error([*keys, "expect"], f"{name!r} is not one of this persona's actions ({known})")
+        out.append(Situation(
+            speaker=_string(src, [*keys, "speaker"], data["speaker"]) if "speaker" in data else "Player",
+            line=_string(src, [*keys, "line"], data["line"]),
+            expect=tuple(expect),
+            context=_context(src, [*keys, "context"], _mapping(src, [*keys, "context"], data.get("context") or {})),
+        ))
+    return tuple(out)
+
+
 def _adapter(src: _Source, value: Any, require: bool, persona_id: str) -> Path:
     raw = _string(src, ["adapter"], value)
     path = (src.path.parent / raw).resolve()
@@ -355,6 +453,7 @@ def load_persona(path: str | Path, *, require_adapter: bool = True) -> Persona:
 
     adapter = _adapter(src, data["adapter"], require_adapter, persona_id) if "adapter" in data else None
     metadata = _mapping(src, ["metadata"], data["metadata"]) if "metadata" in data else {}
+    actions = _actions(src, data["actions"]) if "actions" in data else ()
     return Persona(
         id=persona_id,
         display_name=_string(src, ["display_name"], data["display_name"]),
@@ -369,6 +468,9 @@ def load_persona(path: str | Path, *, require_adapter: bool = True) -> Persona:
         metadata=metadata,
         source=path.resolve(),
         digest=_digest(raw, adapter),
+        actions=actions,
+        emotions=_emotions(src, data["emotions"]) if "emotions" in data else (),
+        situations=_situations(src, data["situations"], actions) if "situations" in data else (),
     )
 
 

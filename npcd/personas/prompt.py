@@ -210,10 +210,14 @@ class PromptBuilder:
         return list(cached[1]), cached[2]
 
     def build(self, persona: "Persona", *, speaker: str, line: str, history: Iterable[Any] = (),
-              context: Mapping[str, Any] | None = None, npc_id: str = "") -> Prompt:
+              context: Mapping[str, Any] | None = None, npc_id: str = "", menu: str = "") -> Prompt:
+        """`menu`: a structured line's actions and emotions (npcd.personas.actions.menu), closing the user
+        turn; the system turn stays the persona's own, so free and structured lines share its cached KV."""
         system_ids, system_text = self.system_turn(persona)
         content = self._user_content(persona, speaker=speaker, line=line, history=history,
                                      context=context, npc_id=npc_id)
+        if menu:
+            content += "\n\n" + self.neutralise(menu)
         f = self.format
         user_ids = self._marker_ids(f.user_open) + self._content_ids(content) + self._marker_ids(f.assistant_open)
         return Prompt(ids=system_ids + user_ids, prefix_len=len(system_ids),

@@ -42,6 +42,7 @@ class Limits:
     max_tokens: int = 512            # cap on sampling.max_tokens (persona default or override)
     max_id_chars: int = 128          # request_id, npc_id, persona, speaker, context keys
     max_deadline_ms: int = 600_000
+    max_schema_chars: int = 16_384   # response_format and each action's args_schema_json
 
 
 @dataclass(frozen=True)

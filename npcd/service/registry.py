@@ -28,7 +28,7 @@ from typing import Any
 
 import watchfiles
 
-from npcd.engine.api import Backend
+from npcd.engine.api import Backend, InvalidRequest
 from npcd.personas.loader import Persona, load_dir
 
 # watchfiles yields a batch of file events once WATCH_STEP_MS pass without a new path changing, or
@@ -208,6 +208,11 @@ class PersonaRegistry:
                     self._event("persona ready again", id=persona_id)
                 entry.status, entry.error = Status.READY, None
             return None
+        if persona.actions or persona.emotions:  # compiled here, off the event loop; its requests hit the cache
+            try:
+                self._backend.check_schema(persona.reply_schema())
+            except InvalidRequest as exc:
+                return f"{persona.source}: actions: {exc}"
         key = _adapter_key(persona)
         loaded_key = entry.adapter_key if entry is not None else None
         if key is not None and key != loaded_key:

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from npcd.engine.api import (
     Backend,
     BackendError,
+    FieldDone,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -43,9 +44,17 @@ from npcd.service._proto import npcd_pb2 as pb
 from npcd.service._proto import npcd_pb2_grpc
 from npcd.service.admitter import Admitter
 from npcd.service.config import Limits
-from npcd.service.conversion import BACKEND_CODES, FINISH_REASONS, STATUSES, struct
+from npcd.service.conversion import (
+    BACKEND_CODES,
+    FINISH_REASONS,
+    STATUSES,
+    field_event,
+    struct,
+    structured_parts,
+)
 from npcd.service.metrics import Metrics
 from npcd.service.registry import PersonaRegistry, PersonaState, PersonaUnavailable
+from npcd.service.structured import structured_output
 from npcd.service.validation import (
     DEFAULT_SPEAKER,
     RequestError,
@@ -96,8 +105,10 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         except PersonaUnavailable as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         try:
+            structured, menu = structured_output(req, persona, self._limits, self._backend.check_schema)
             prompt = self._prompts.build(persona, speaker=req.speaker or DEFAULT_SPEAKER, line=req.line,
-                                         history=req.history, context=dict(req.context), npc_id=req.npc_id)
+                                         history=req.history, context=dict(req.context), npc_id=req.npc_id,
+                                         menu=menu)
             deadline = None
             if req.deadline_ms:
                 deadline = time.monotonic() + req.deadline_ms / 1000.0
@@ -110,11 +121,14 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 adapter=persona.id if persona.adapter_path is not None else None,
                 prefix_len=prompt.prefix_len,
                 priority=1 if req.priority == pb.PRIORITY_PLAYER else 0,
-                deadline=deadline,
+                deadline=deadline, structured=structured,
             )
         except PromptError as exc:  # its message names the field
             self._registry.release(persona.id)
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except RequestError:
+            self._registry.release(persona.id)
+            raise
         except BaseException:
             self._registry.release(persona.id)
             raise
@@ -164,6 +178,10 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         self._metrics.inter_token.observe(now - last_delta)
                     last_delta = now
                     yield pb.Event(request_id=rid, delta=pb.TextDelta(text=event.text))
+                elif isinstance(event, FieldDone):
+                    wire = field_event(rid, event.name, event.value)
+                    if wire is not None:
+                        yield wire
                 elif isinstance(event, Finished):
                     finished = True
                     self._account(job, event)
@@ -185,11 +203,13 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             code = grpc.StatusCode.INTERNAL
             return pb.Event(request_id=rid, error=pb.Error(code=code.value[0], status=code.name,
                                                            message=event.error or "generation failed"))
-        return pb.Event(request_id=rid, finished=pb.Finished(
+        finished = pb.Finished(
             reason=FINISH_REASONS[event.reason], text=event.text, prompt_tokens=event.prompt_tokens,
-            completion_tokens=event.completion_tokens,
+            completion_tokens=event.completion_tokens, json=event.json,
             timings=pb.Timings(queued_ms=event.queued_ms, first_token_ms=event.first_token_ms,
-                               total_ms=event.total_ms)))
+                               total_ms=event.total_ms))
+        structured_parts(finished)
+        return pb.Event(request_id=rid, finished=finished)
 
     # --- Say -----------------------------------------------------------------
 

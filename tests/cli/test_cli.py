@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,16 @@ def test_say_and_personas_against_a_running_daemon(tmp_path, tiny_model_dir, cap
         address = daemon.address
     assert cli.main(["say", "elf", "Hello!", "--address", address]) == 1
     assert "no daemon answers at" in capsys.readouterr().err
+
+
+def test_say_with_actions_streams_the_line_then_the_choice(tmp_path, tiny_model_dir, capsys):
+    write_persona(tmp_path, "trader", extra="emotions: [calm, greedy]\nactions:\n  - name: sell\n"
+                                            "    args: {type: object, properties: {item: {enum: [sword]}}}\n")
+    with running_daemon(tmp_path, engine_config(tiny_model_dir)) as (daemon, _):
+        assert cli.main(["say", "trader", "I'd like a sword", "--actions", "--address", daemon.address]) == 0
+    out = re.findall(r"\[(?:emotion|action): [^\]]*\]", capsys.readouterr().out)  # the daemon logs here too
+    assert out[0] in ("[emotion: calm]", "[emotion: greedy]")
+    assert out[1:] == ['[action: sell {"item": "sword"}]']  # the only action, and its only argument value
 
 
 def test_say_local_starts_its_own_daemon(tmp_path, tiny_model_dir, capsys):

@@ -2,8 +2,9 @@
 program (mono), both through the native library built by scripts/build_clients.sh.
 
 The daemon runs the real engine over the tiny random Llama, with one plain persona and
-LoRA personas, so that 16 NPCs mix adapters in one batch. The restart flows start and
-kill their own daemon (NPCD_TEST_DAEMON_CMD) on a second port.
+LoRA personas, so that 16 NPCs mix adapters in one batch; the merchant declares emotions
+and actions, for the structured flow. The restart flows start and kill their own daemon
+(NPCD_TEST_DAEMON_CMD) on a second port.
 
 Without the toolchain (cmake, a C++ compiler, grpc++, protoc, mcs, mono) the module is
 skipped, except under CI=true, where that is a failure.
@@ -25,8 +26,28 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono")
-FLOWS = ("stream", "tick", "cancel", "restart")
+FLOWS = ("stream", "tick", "cancel", "structured", "restart")
 LORA_PERSONAS = ("elf", "guard", "merchant")
+# What the structured flow's persona may feel and do (the flows check the events, not the choice).
+MERCHANT_ACTIONS = """\
+emotions: [cheerful, greedy, worried]
+actions:
+  - name: sell
+    description: hand the player an item for a price in silver
+    args:
+      type: object
+      properties:
+        item: {enum: [rope, lantern, potion]}
+        price: {type: integer, minimum: 1, maximum: 1000}
+  - name: haggle
+    description: name a counter price in silver
+    args:
+      type: object
+      properties:
+        price: {type: integer, minimum: 1, maximum: 1000}
+  - name: none
+    description: just talk
+"""
 
 
 def _require_toolchain() -> None:
@@ -56,7 +77,7 @@ def daemon_files(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path,
     personas.mkdir()
     write_persona(personas, "plain")
     for name in LORA_PERSONAS:
-        write_persona(personas, name, adapter=tiny_adapters[name])
+        write_persona(personas, name, adapter=tiny_adapters[name], extra=MERCHANT_ACTIONS if name == "merchant" else "")
     engine = root / "engine.yaml"
     engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 16\n"
                       "max_seq_len: 1024\nthreads: 2\n")

@@ -1,3 +1,4 @@
+using System.Collections.Generic;
 using Godot;
 using Npcd;
 
@@ -5,7 +6,9 @@ namespace NpcdGodot
 {
     /// <summary>An NPC's voice. Call Say from GDScript or C#; the text arrives through the
     /// signals text_delta, line_finished and line_failed, on the main thread. One line at a
-    /// time: a new Say, or leaving the tree, cancels the line still streaming.</summary>
+    /// time: a new Say, or leaving the tree, cancels the line still streaming. Structured
+    /// lines (Structured, SetActions or ResponseFormat) also emit emotion_changed and
+    /// action_chosen, after some text and before line_json and line_finished.</summary>
     [GlobalClass]
     public partial class NpcDialogue : Node
     {
@@ -16,6 +19,13 @@ namespace NpcdGodot
         [Signal] public delegate void line_finishedEventHandler(string requestId, string text, int reason);
         /// <summary>code: a gRPC status code (14: the daemon is unreachable).</summary>
         [Signal] public delegate void line_failedEventHandler(string requestId, int code, string message);
+        /// <summary>Structured lines: the action the NPC takes; args_json is a JSON object
+        /// ("{}" when it takes none), e.g. for JSON.parse_string.</summary>
+        [Signal] public delegate void action_chosenEventHandler(string requestId, string name, string argsJson);
+        /// <summary>Structured lines: the emotion of the line, one of the persona's.</summary>
+        [Signal] public delegate void emotion_changedEventHandler(string requestId, string label);
+        /// <summary>Structured lines: the whole reply as JSON, right before line_finished.</summary>
+        [Signal] public delegate void line_jsonEventHandler(string requestId, string json);
 #pragma warning restore IDE1006
 
         [Export] public string Persona { get; set; } = "";
@@ -23,8 +33,41 @@ namespace NpcdGodot
         /// <summary>0 takes the persona's default.</summary>
         [Export] public int MaxTokens { get; set; }
         [Export] public bool PlayerPriority { get; set; } = true;
+        /// <summary>Lines come with one of the persona's emotions and actions.</summary>
+        [Export] public bool Structured { get; set; }
+        /// <summary>A JSON Schema (JSON text) the reply follows instead; its fields arrive in
+        /// line_json. Empty: none.</summary>
+        [Export(PropertyHint.MultilineText)] public string ResponseFormat { get; set; } = "";
 
         private NpcdLine current;
+        private readonly List<ActionSpec> actions = new List<ActionSpec>();
+
+        /// <summary>The actions valid for the next lines, instead of all of the persona's (an
+        /// empty array: the persona's again). Each entry is a persona action's name, or a
+        /// Dictionary {"name", "description", "args"} declaring a new one, "args" being the
+        /// JSON Schema of its arguments object (a Dictionary or JSON text). A non-empty list
+        /// makes the lines structured.</summary>
+        public void SetActions(Godot.Collections.Array list)
+        {
+            actions.Clear();
+            foreach (Variant entry in list)
+            {
+                if (entry.VariantType == Variant.Type.String || entry.VariantType == Variant.Type.StringName)
+                {
+                    actions.Add(new ActionSpec(entry.AsString()));
+                    continue;
+                }
+                var spec = entry.AsGodotDictionary();
+                string description = spec.ContainsKey("description") ? spec["description"].AsString() : null;
+                string args = null;
+                if (spec.ContainsKey("args"))
+                {
+                    Variant schema = spec["args"];
+                    args = schema.VariantType == Variant.Type.String ? schema.AsString() : Json.Stringify(schema);
+                }
+                actions.Add(new ActionSpec(spec.ContainsKey("name") ? spec["name"].AsString() : "", description, args));
+            }
+        }
 
         /// <summary>Asks for a line; returns its request id.</summary>
         public string Say(string speaker, string line, Godot.Collections.Dictionary<string, string> context = null)
@@ -35,8 +78,11 @@ namespace NpcdGodot
                 Speaker = speaker,
                 NpcId = NpcId,
                 Priority = PlayerPriority ? Priority.Player : Priority.Ambient,
+                Structured = Structured,
             };
             if (MaxTokens > 0) request.MaxTokens = (uint)MaxTokens;
+            if (!string.IsNullOrEmpty(ResponseFormat)) request.ResponseFormat = ResponseFormat;
+            request.Actions.AddRange(actions);
             if (context != null)
             {
                 foreach (var entry in context) request.Context[entry.Key] = entry.Value;
@@ -44,7 +90,13 @@ namespace NpcdGodot
             var service = GetNode<NpcdService>("/root/Npcd");
             current = service.Client.Say(request);
             current.TextDelta += (l, text) => EmitSignal(SignalName.text_delta, l.Id, text, l.Text);
-            current.Finished += (l, result) => EmitSignal(SignalName.line_finished, l.Id, result.Text, (int)result.Reason);
+            current.EmotionChanged += (l, label) => EmitSignal(SignalName.emotion_changed, l.Id, label);
+            current.ActionChosen += (l, action) => EmitSignal(SignalName.action_chosen, l.Id, action.Name, action.ArgsJson);
+            current.Finished += (l, result) =>
+            {
+                if (result.Json.Length > 0) EmitSignal(SignalName.line_json, l.Id, result.Json);
+                EmitSignal(SignalName.line_finished, l.Id, result.Text, (int)result.Reason);
+            };
             current.Failed += (l, error) => EmitSignal(SignalName.line_failed, l.Id, error.Code, error.Message);
             return current.Id;
         }

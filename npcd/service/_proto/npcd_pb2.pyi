@@ -70,7 +70,7 @@ class SamplingOverrides(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SayRequest(_message.Message):
-    __slots__ = ("request_id", "persona", "npc_id", "speaker", "line", "history", "context", "sampling", "priority", "deadline_ms")
+    __slots__ = ("request_id", "persona", "npc_id", "speaker", "line", "history", "context", "sampling", "priority", "deadline_ms", "structured", "actions", "response_format")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,9 @@ class SayRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     persona: str
     npc_id: str
@@ -98,7 +101,20 @@ class SayRequest(_message.Message):
     sampling: SamplingOverrides
     priority: Priority
     deadline_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., persona: _Optional[str] = ..., npc_id: _Optional[str] = ..., speaker: _Optional[str] = ..., line: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    structured: bool
+    actions: _containers.RepeatedCompositeFieldContainer[ActionSpec]
+    response_format: str
+    def __init__(self, request_id: _Optional[str] = ..., persona: _Optional[str] = ..., npc_id: _Optional[str] = ..., speaker: _Optional[str] = ..., line: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., deadline_ms: _Optional[int] = ..., structured: _Optional[bool] = ..., actions: _Optional[_Iterable[_Union[ActionSpec, _Mapping]]] = ..., response_format: _Optional[str] = ...) -> None: ...
+
+class ActionSpec(_message.Message):
+    __slots__ = ("name", "description", "args_schema_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    ARGS_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    args_schema_json: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., args_schema_json: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("request_id",)
@@ -117,18 +133,36 @@ class Tick(_message.Message):
     def __init__(self, tick: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[SayRequest, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[Cancel, _Mapping]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("request_id", "started", "delta", "finished", "error")
+    __slots__ = ("request_id", "started", "delta", "finished", "error", "action", "emotion")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EMOTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started: Started
     delta: TextDelta
     finished: Finished
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    action: Action
+    emotion: Emotion
+    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("name", "args_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    args_json: str
+    def __init__(self, name: _Optional[str] = ..., args_json: _Optional[str] = ...) -> None: ...
+
+class Emotion(_message.Message):
+    __slots__ = ("label",)
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    def __init__(self, label: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("queue_position",)
@@ -153,18 +187,24 @@ class Timings(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "text", "prompt_tokens", "completion_tokens", "timings")
+    __slots__ = ("reason", "text", "prompt_tokens", "completion_tokens", "timings", "json", "action", "emotion")
     REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EMOTION_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     text: str
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    json: str
+    action: Action
+    emotion: Emotion
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., json: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "status", "message")

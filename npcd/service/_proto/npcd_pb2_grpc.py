@@ -65,7 +65,8 @@ class NpcdServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Say(self, request, context):
-        """One NPC line, streamed: Started, TextDelta*, then Finished (or Error).
+        """One NPC line, streamed: Started, TextDelta*, then Finished (or Error). A structured
+        line also sends Emotion and Action events, each once its value is complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,9 @@ public sealed class AskOnKey : MonoBehaviour
     {
         if (!Input.GetKeyDown(key)) return;
         var result = await npc.Answer("Player", line).Completion;
-        if (this != null && !result.Failed) Debug.Log(npc.persona + " said: " + result.Text + " (" + result.Reason + ")");
+        if (this == null || result.Failed) return;
+        Debug.Log(npc.persona + " said: " + result.Text + " (" + result.Reason + ")");
+        // a structured line (NpcSpeaker.structured): what the NPC felt and did; result.Json is the whole reply
+        if (result.Action != null) Debug.Log(npc.persona + " feels " + result.Emotion + " and does " + result.Action);
     }
 }

@@ -1,5 +1,7 @@
 extends Control
 ## Asks the NPC a line when the button is pressed; the label fills as the text streams in.
+## The guard's lines are structured (Structured is on in the scene): its emotion and action
+## arrive as signals too.
 
 @onready var npc: Node = $NpcDialogue
 @onready var label: Label = $Bubble
@@ -9,6 +11,8 @@ func _ready() -> void:
 	npc.text_delta.connect(_on_text_delta)
 	npc.line_finished.connect(_on_line_finished)
 	npc.line_failed.connect(_on_line_failed)
+	npc.emotion_changed.connect(_on_emotion_changed)
+	npc.action_chosen.connect(_on_action_chosen)
 	button.pressed.connect(_on_ask)
 
 func _on_ask() -> void:
@@ -23,3 +27,9 @@ func _on_line_finished(_request_id: String, text: String, _reason: int) -> void:
 
 func _on_line_failed(_request_id: String, code: int, message: String) -> void:
 	label.text = "(no answer: %d %s)" % [code, message]
+
+func _on_emotion_changed(_request_id: String, label_name: String) -> void:
+	print("the guard feels ", label_name)
+
+func _on_action_chosen(_request_id: String, action_name: String, args_json: String) -> void:
+	print("the guard does ", action_name, " ", JSON.parse_string(args_json))

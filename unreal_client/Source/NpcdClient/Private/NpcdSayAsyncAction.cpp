@@ -5,7 +5,28 @@
 
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLine(UObject* WorldContextObject, const FString& Persona,
                                                   const FString& Speaker, const FString& Line, const FString& NpcId,
-                                                  int32 MaxTokens)
+                                                  int32 MaxTokens, bool Structured, const FString& ResponseFormat)
+{
+    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens);
+    Action->bStructured = Structured;
+    Action->ResponseFormat = ResponseFormat;
+    return Action;
+}
+
+UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLineWithActions(UObject* WorldContextObject, const FString& Persona,
+                                                             const FString& Speaker, const FString& Line,
+                                                             const FString& NpcId,
+                                                             const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens)
+{
+    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens);
+    Action->bStructured = true;
+    Action->Actions = Actions;
+    return Action;
+}
+
+UNpcdSayAsyncAction* UNpcdSayAsyncAction::Make(UObject* WorldContextObject, const FString& Persona,
+                                               const FString& Speaker, const FString& Line, const FString& NpcId,
+                                               int32 MaxTokens)
 {
     UNpcdSayAsyncAction* Action = NewObject<UNpcdSayAsyncAction>();
     UWorld* World = GEngine->GetWorldFromContextObject(WorldContextObject, EGetWorldErrorMode::LogAndReturnNull);
@@ -31,12 +52,20 @@ void UNpcdSayAsyncAction::Activate()
         npcd_request_set_npc_id(Request, TCHAR_TO_UTF8(*NpcId));
         npcd_request_set_priority(Request, NPCD_PRIORITY_PLAYER);
         if (MaxTokens > 0) npcd_request_set_max_tokens(Request, static_cast<uint32_t>(MaxTokens));
-        if (Subsystem.IsValid()) RequestId = Subsystem->Submit(Request, this);
+        if (bStructured) npcd_request_set_structured(Request, 1);
+        if (!ResponseFormat.IsEmpty()) npcd_request_set_response_format(Request, TCHAR_TO_UTF8(*ResponseFormat));
+        bool bActionsOk = true;
+        for (const FNpcdActionSpec& Spec : Actions)
+        {
+            bActionsOk &= npcd_request_add_action(Request, TCHAR_TO_UTF8(*Spec.Name), TCHAR_TO_UTF8(*Spec.Description),
+                                                  TCHAR_TO_UTF8(*Spec.ArgsSchemaJson)) == NPCD_OK;
+        }
+        if (bActionsOk && Subsystem.IsValid()) RequestId = Subsystem->Submit(Request, this);
         npcd_request_free(Request);
     }
     if (RequestId.IsEmpty())
     {
-        OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem, or an invalid persona or line)"));
+        OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem, or an invalid persona, line or action)"));
         SetReadyToDestroy();
     }
 }
@@ -63,8 +92,14 @@ void UNpcdSayAsyncAction::OnNpcdEvent(const npcd_event& Event)
         OnTextDelta.Broadcast(RequestId, Text, FullText);
         break;
     }
+    case NPCD_EVENT_ACTION:
+        OnAction.Broadcast(RequestId, UTF8_TO_TCHAR(Event.action_name), UTF8_TO_TCHAR(Event.action_args_json));
+        break;
+    case NPCD_EVENT_EMOTION:
+        OnEmotion.Broadcast(RequestId, UTF8_TO_TCHAR(Event.emotion));
+        break;
     case NPCD_EVENT_FINISHED:
-        OnFinished.Broadcast(RequestId, UTF8_TO_TCHAR(Event.text), Event.finish_reason);
+        OnFinished.Broadcast(RequestId, UTF8_TO_TCHAR(Event.text), Event.finish_reason, UTF8_TO_TCHAR(Event.json));
         SetReadyToDestroy();
         break;
     case NPCD_EVENT_ERROR:

@@ -44,10 +44,19 @@ void UNpcdSubsystem::Tick(float DeltaTime)
         Count = npcd_poll(Client, Events, UE_ARRAY_COUNT(Events));
         for (int32 i = 0; i < Count; ++i)
         {
-            const FString Id = UTF8_TO_TCHAR(Events[i].request_id);
+            const npcd_event& Event = Events[i];
+            const FString Id = UTF8_TO_TCHAR(Event.request_id);
+            if (Event.kind == NPCD_EVENT_ACTION)
+            {
+                OnAction.Broadcast(Id, UTF8_TO_TCHAR(Event.action_name), UTF8_TO_TCHAR(Event.action_args_json));
+            }
+            else if (Event.kind == NPCD_EVENT_EMOTION)
+            {
+                OnEmotion.Broadcast(Id, UTF8_TO_TCHAR(Event.emotion));
+            }
             INpcdLineListener* Listener = Listeners.FindRef(Id);
-            if (Events[i].kind == NPCD_EVENT_FINISHED || Events[i].kind == NPCD_EVENT_ERROR) Listeners.Remove(Id);
-            if (Listener != nullptr) Listener->OnNpcdEvent(Events[i]);
+            if (Event.kind == NPCD_EVENT_FINISHED || Event.kind == NPCD_EVENT_ERROR) Listeners.Remove(Id);
+            if (Listener != nullptr) Listener->OnNpcdEvent(Event);
         }
     } while (Count == UE_ARRAY_COUNT(Events));
 }

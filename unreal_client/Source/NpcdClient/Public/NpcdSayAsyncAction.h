@@ -6,14 +6,33 @@
 #include "NpcdSayAsyncAction.generated.h"
 
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdTextDelta, const FString&, RequestId, const FString&, Text, const FString&, FullText);
-DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdLineFinished, const FString&, RequestId, const FString&, Text, int32, Reason);
+DECLARE_DYNAMIC_MULTICAST_DELEGATE_FourParams(FNpcdLineFinished, const FString&, RequestId, const FString&, Text, int32, Reason, const FString&, Json);
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdLineFailed, const FString&, RequestId, int32, Code, const FString&, Message);
+
+/**
+ * An action valid right now. Only a Name: the persona's action of that name. With a
+ * Description or ArgsSchemaJson (a JSON Schema of the arguments object): a new action.
+ */
+USTRUCT(BlueprintType)
+struct NPCDCLIENT_API FNpcdActionSpec
+{
+    GENERATED_BODY()
+
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Name;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Description;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString ArgsSchemaJson;
+};
 
 /**
  * "NPC Say Line": asks an NPC of a persona for a line. The pins fire on the game thread as
  * the subsystem polls: On Text Delta for each piece, then On Finished (Reason: 1 stop,
  * 2 length, 3 cancelled, 4 deadline) or On Failed (a gRPC status code; 14: the daemon is
- * unreachable).
+ * unreachable). A structured line (Structured, or "NPC Say Line With Actions") is JSON
+ * {"say", "emotion", "action"}: "say" streams as text, On Emotion and On Action fire after
+ * some of it, and On Finished carries the whole reply in Json ("" for a plain line).
  */
 UCLASS()
 class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, public INpcdLineListener
@@ -21,9 +40,16 @@ class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, pub
     GENERATED_BODY()
 
 public:
-    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line"))
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line", AdvancedDisplay = "ResponseFormat"))
     static UNpcdSayAsyncAction* SayLine(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
-                                        const FString& Line, const FString& NpcId, int32 MaxTokens = 0);
+                                        const FString& Line, const FString& NpcId, int32 MaxTokens = 0,
+                                        bool Structured = false, const FString& ResponseFormat = TEXT(""));
+
+    /** A structured line whose action is one of Actions (the persona's by name, or new ones). */
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line With Actions"))
+    static UNpcdSayAsyncAction* SayLineWithActions(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
+                                                   const FString& Line, const FString& NpcId,
+                                                   const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens = 0);
 
     /** Ends the line early; On Finished then fires with Reason 3 (cancelled). */
     UFUNCTION(BlueprintCallable, Category = "npcd")
@@ -31,6 +57,12 @@ public:
 
     UPROPERTY(BlueprintAssignable)
     FNpcdTextDelta OnTextDelta;
+    /** Structured lines: the action the NPC takes; ArgsJson is a JSON object ("{}" when it takes none). */
+    UPROPERTY(BlueprintAssignable)
+    FNpcdActionChosen OnAction;
+    /** Structured lines: the emotion of the line, one of the persona's. */
+    UPROPERTY(BlueprintAssignable)
+    FNpcdEmotionChanged OnEmotion;
     UPROPERTY(BlueprintAssignable)
     FNpcdLineFinished OnFinished;
     UPROPERTY(BlueprintAssignable)
@@ -41,7 +73,12 @@ public:
     virtual void OnNpcdEvent(const npcd_event& Event) override;
 
 private:
+    static UNpcdSayAsyncAction* Make(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
+                                     const FString& Line, const FString& NpcId, int32 MaxTokens);
+
     TWeakObjectPtr<UNpcdSubsystem> Subsystem;
-    FString Persona, Speaker, Line, NpcId, RequestId, FullText;
+    FString Persona, Speaker, Line, NpcId, RequestId, FullText, ResponseFormat;
     int32 MaxTokens = 0;
+    bool bStructured = false;
+    TArray<FNpcdActionSpec> Actions;
 };

@@ -6,6 +6,11 @@
 #include "npcd_client.h"
 #include "NpcdSubsystem.generated.h"
 
+/** A structured line's action: its name and its arguments, a JSON object ("{}" when it takes none). */
+DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdActionChosen, const FString&, RequestId, const FString&, ActionName, const FString&, ArgsJson);
+/** A structured line's emotion, one of the persona's labels. */
+DECLARE_DYNAMIC_MULTICAST_DELEGATE_TwoParams(FNpcdEmotionChanged, const FString&, RequestId, const FString&, Label);
+
 /** Receives the events of one line, on the game thread. */
 class INpcdLineListener
 {
@@ -17,7 +22,8 @@ public:
 /**
  * Owns the one npcd client of the game instance and polls it once per frame on the game
  * thread, handing each event to the listener of its request. No callback ever runs on a
- * gRPC thread.
+ * gRPC thread. OnAction and OnEmotion fire for the structured lines of every NPC (before the
+ * line's own listener), for game systems that watch them all.
  */
 UCLASS()
 class NPCDCLIENT_API UNpcdSubsystem : public UGameInstanceSubsystem, public FTickableGameObject
@@ -38,6 +44,13 @@ public:
     virtual TStatId GetStatId() const override;
     virtual bool IsTickable() const override { return Client != nullptr; }
     virtual ETickableTickType GetTickableTickType() const override { return ETickableTickType::Conditional; }
+
+    /** Any line's action (structured lines), on the game thread. */
+    UPROPERTY(BlueprintAssignable, Category = "npcd")
+    FNpcdActionChosen OnAction;
+    /** Any line's emotion (structured lines), on the game thread. */
+    UPROPERTY(BlueprintAssignable, Category = "npcd")
+    FNpcdEmotionChanged OnEmotion;
 
 private:
     npcd_client* Client = nullptr;
