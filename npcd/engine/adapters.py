@@ -28,7 +28,12 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters are not supported",
     "modules_to_save": "modules_to_save (fully fine-tuned modules) are not supported",
+    # an activated LoRA applies from its invocation tokens on; npcd would apply it to every token
+    "alora_invocation_tokens": "aLoRA adapters (alora_invocation_tokens) are not supported",
 }
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig.lora_alpha's default: what PEFT uses when a config omits it
+_GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 @dataclass
@@ -43,17 +48,58 @@ class AdapterVersion:
     retired: bool = False       # superseded or unloaded: freed once users == 0
 
 
-def _scale_for(cfg: dict, module_key: str, rank: int) -> float:
-    alpha = cfg.get("lora_alpha", rank)
+def module_name(layer: int, module: str) -> str:
+    """The module's name in the transformers Llama, as PEFT matches rank_pattern and alpha_pattern against it."""
+    return f"model.layers.{layer}.{_GROUP[module]}.{module}"
+
+
+def _alpha_for(cfg: dict, name: str) -> float:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first alpha_pattern key that matches the end of the
+    full module name at a dot boundary, as a regular expression, else lora_alpha (default 8)."""
     for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module_key):
-            alpha = value
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return float(value)
+    return float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+
+
+def _scale_for(cfg: dict, name: str, rank: int) -> float:
+    alpha = _alpha_for(cfg, name)
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
+def _expected_layers(cfg: dict, num_layers: int) -> set[int]:
+    wanted = cfg.get("layers_to_transform")
+    if wanted is None:
+        return set(range(num_layers))
+    return {int(wanted)} if isinstance(wanted, int) else {int(i) for i in wanted}
+
+
+def _span(layers: set[int]) -> str:
+    ordered = sorted(layers)
+    return f"{ordered[0]}-{ordered[-1]}" if ordered == list(range(ordered[0], ordered[-1] + 1)) else str(ordered)
+
+
+def base_mismatch(cfg: dict, base_names: set[str]) -> str:
+    """A warning when the adapter names a base other than ours (paths differ between machines, so only the
+    last path component is compared), else ""."""
+    named = cfg.get("base_model_name_or_path")
+    if not named or not base_names:
+        return ""
+    known = {Path(n).name.lower() for n in base_names} | {n.lower() for n in base_names}
+    if str(named).lower() in known or Path(str(named)).name.lower() in known:
+        return ""
+    return f"trained on base {named!r}, served on {sorted(base_names)[0]!r}"
+
+
 def read_peft_adapter(name: str, path: str | Path, module_shapes: dict[str, tuple[int, int]],
-                      num_layers: int, max_rank: int, dtype: torch.dtype, version: int) -> AdapterVersion:
-    """Reads a PEFT LoRA directory; every refusal names the file or tensor and why."""
+                      num_layers: int, max_rank: int, dtype: torch.dtype, version: int,
+                      base_names: set[str] | None = None) -> AdapterVersion:
+    """Reads a PEFT LoRA directory; every refusal names the file or tensor and why.
+
+    Widths alone do not prove an adapter fits: one trained on a smaller model of the same width loads into
+    any layers it names. So its layers must be exactly those its config says it transforms (all of them,
+    unless `layers_to_transform`), and a `base_model_name_or_path` other than ours is a warning in its info.
+    """
     path = Path(path)
     cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (cfg_file, weights_file):
@@ -110,14 +156,24 @@ def read_peft_adapter(name: str, path: str | Path, module_shapes: dict[str, tupl
                                f"expected ({fan_out}, {r}) for this base model")
         if r > max_rank:
             raise AdapterError(f"adapter {name!r}: {where} has rank {r}, above the engine's max_lora_rank {max_rank}")
-        scale = _scale_for(cfg, f"model.layers.{layer}.{module}", r)
+        scale = _scale_for(cfg, module_name(layer, module), r)
         tensors[(layer, module)] = (a.to(dtype), (b.float() * scale).to(dtype))
         ranks.add(r)
         modules.add(module)
 
+    expected = _expected_layers(cfg, num_layers)
+    for module in sorted(modules):
+        layers = {layer for layer, m in pairs if m == module}
+        if layers != expected:
+            hint = "" if cfg.get("layers_to_transform") is not None else (
+                f" (the config names no layers_to_transform, so all {num_layers}; was it trained on another base "
+                f"model? its base_model_name_or_path is {cfg.get('base_model_name_or_path')!r})")
+            raise AdapterError(f"adapter {name!r}: {module} has LoRA weights for layers {_span(layers)}, but "
+                               f"{cfg_file.name} says layers {_span(expected)}{hint}")
     rank = max(ranks)
-    info = AdapterInfo(name=name, path=str(path), rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
-                       scaling=_scale_for(cfg, "", rank), target_modules=tuple(sorted(modules)), version=version)
+    info = AdapterInfo(name=name, path=str(path), rank=rank, alpha=_alpha_for(cfg, ""),
+                       scaling=_scale_for(cfg, "", rank), target_modules=tuple(sorted(modules)), version=version,
+                       warning=base_mismatch(cfg, base_names or set()))
     return AdapterVersion(name=name, version=version, info=info, tensors=tensors)
 
 

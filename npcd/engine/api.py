@@ -190,6 +190,7 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     version: int
     resident: bool = False  # in the engine's adapter slots now (else reloaded from host memory on demand)
+    warning: str = ""       # served, but something looks off (e.g. trained on another base); logged at load
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
+                engine.drain_inbox()  # admissions first, and their Started out now, not with the first token
+                self._flush()
                 try:
                     worked = engine.step()
                     if worked:

@@ -199,7 +199,8 @@ class Engine:
     def read_adapter(self, name: str, path: str) -> AdapterVersion:
         """Reads and validates on the caller's thread; nothing engine-side changes."""
         return read_peft_adapter(name, path, self.spec.module_shapes(), self.spec.num_layers,
-                                 self.config.max_lora_rank, self.dtype, next(self._versions))
+                                 self.config.max_lora_rank, self.dtype, next(self._versions),
+                                 base_names={self.config.base, str(self.model_dir), self.model_dir.name})
 
     def install_adapter(self, adapter: AdapterVersion) -> None:
         """Engine thread: makes the version current; old prefixes of that name are dropped."""
@@ -257,6 +258,7 @@ class Engine:
             self._finish(seq, FinishReason.DEADLINE)
         plan = self.scheduler.schedule(now)
         if plan is None:
+            self.last_batch_size = 0  # idle: the gauge says so, not what the last busy step held
             return False
         logits = self.runner.run(plan)
         sampled, rows = plan.sampled, plan.rows

@@ -7,7 +7,7 @@ uses them exercises the same loading code as a real checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -36,14 +36,15 @@ def write_tiny_llama(out_dir: Path, tokenizer_dir: Path, seed: int = 0, **overri
 
 
 def write_lora(base_dir: Path, out_dir: Path, rank: int, targets: Sequence[str], seed: int,
-               alpha: float | None = None, rslora: bool = False, std: float = 0.05) -> Path:
-    """A PEFT LoRA adapter over `base_dir` with random (non-zero) A and B."""
+               alpha: float | None = None, rslora: bool = False, std: float = 0.05, **config: Any) -> Path:
+    """A PEFT LoRA adapter over `base_dir` with random (non-zero) A and B; `config` goes to LoraConfig
+    (rank_pattern, alpha_pattern, layers_to_transform, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=list(targets),
-                        use_rslora=rslora, lora_dropout=0.0, task_type="CAUSAL_LM")
+                        use_rslora=rslora, lora_dropout=0.0, task_type="CAUSAL_LM", **config)
     model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

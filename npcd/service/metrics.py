@@ -62,7 +62,7 @@ TOKENS_WINDOW_S = 10.0
 ENGINE_GAUGES = (
     ("npcd_queue_depth", "queue_depth", "Requests waiting for a batch slot."),
     ("npcd_running_requests", "running", "Requests in the running batch."),
-    ("npcd_batch_size", "last_batch_size", "Sequences decoded in the last engine step."),
+    ("npcd_batch_size", "last_batch_size", "Sequences in the last engine step (0 while idle)."),
     ("npcd_max_batch_size", "max_batch_size", "Batch slots."),
     ("npcd_adapters_resident", "adapters_resident", "LoRA adapters held in the weight stacks."),
     ("npcd_adapters_known", "adapters_known", "LoRA adapters loaded by name."),

@@ -223,6 +223,8 @@ class PersonaRegistry:
                 return f"{persona.source}: adapter: {detail}"
             self._event("adapter loaded", id=persona_id, path=str(persona.adapter_path),
                         rank=info.rank, version=info.version)
+            if info.warning:
+                self._event("adapter warning", id=persona_id, path=str(persona.adapter_path), warning=info.warning)
         with self._lock:
             current = self._entries.get(persona_id)
             if current is None:

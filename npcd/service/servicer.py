@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
@@ -65,6 +67,7 @@ from npcd.service.validation import (
 )
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Npcd"].full_name
+ABANDONED_FINISH_S = 30.0  # how long a left line's Finished is waited for (a step; 30 s covers a stalled one)
 
 @dataclass
 class _Job:
@@ -187,10 +190,27 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                     self._account(job, event)
                     yield self._finished_event(rid, event)
         finally:
-            if not finished:  # the client went away: stop generating for it now
-                await stream.aclose()  # type: ignore[attr-defined]
+            if not finished:  # the client went away: stop generating for it now, and still account the line
+                self._backend.cancel(job.request.request_id)
+                self._track(asyncio.get_running_loop().create_task(self._account_abandoned(job, stream)))
             self._running.discard(job.request.request_id)
             self._registry.release(job.persona)
+
+    async def _account_abandoned(self, job: _Job, stream: AsyncIterator) -> None:
+        """A line whose reader left (a cancelled or disconnected Say) ends like every other: one log line and
+        one counted outcome, from the engine's Finished{CANCELLED}, which comes within a step of the cancel."""
+        try:
+            async with asyncio.timeout(ABANDONED_FINISH_S):
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        self._account(job, event)
+                        return
+        except TimeoutError:
+            self._log.warning("no Finished for a line whose client left", id=job.client_id, persona=job.persona)
+
+    def _track(self, task: asyncio.Task) -> None:
+        self._pumps.add(task)  # tasks that may outlive their RPC by one engine step
+        task.add_done_callback(self._pumps.discard)
 
     def _account(self, job: _Job, event: Finished) -> None:
         self._metrics.request_finished(event.reason.value, event.completion_tokens, event.first_token_ms)
@@ -279,8 +299,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                     out.put_nowait(self._rejected(result, job).event(job.client_id))
                 else:
                     task = asyncio.create_task(pump(job, result))
-                    self._pumps.add(task)  # pumps may outlive their session by one engine step
-                    task.add_done_callback(self._pumps.discard)
+                    self._track(task)
                     live[job.client_id] = task
 
         async def read() -> None:
@@ -314,8 +333,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     # --- personas ----------------------------------------------------------------
 
     def _persona_pb(self, state: PersonaState) -> pb.Persona:
-        msg = pb.Persona(id=state.id, status=STATUSES[state.status], error=state.error or "",
-                         source=str(state.source))
+        msg = pb.Persona(id=state.id, status=STATUSES[state.status], error=self._unrooted(state.error or ""),
+                         source=self._shown(state.source))
         persona = state.persona
         if persona is None:
             return msg
@@ -323,18 +342,29 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         msg.metadata.CopyFrom(struct(persona.metadata))
         if persona.adapter_path is not None:
             info = self._backend.adapters().get(persona.id)
-            msg.adapter.path = str(persona.adapter_path)
+            msg.adapter.path = self._shown(persona.adapter_path)
             if info is not None:
                 msg.adapter.rank, msg.adapter.alpha = info.rank, info.alpha
                 msg.adapter.target_modules.extend(info.target_modules)
                 msg.adapter.resident = info.resident
         return msg
 
+    def _shown(self, path: Path) -> str:
+        """A path as callers see it: relative to the personas directory (no machine layout leaves the daemon)."""
+        return os.path.relpath(path, self._registry.directory.resolve())
+
+    def _unrooted(self, text: str) -> str:
+        """An error message with the personas directory's absolute prefix taken off its file names."""
+        return text.replace(f"{self._registry.directory.resolve()}{os.sep}", "")
+
     async def ListPersonas(self, request: pb.ListPersonasRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListPersonasResponse:
         return pb.ListPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()])
 
     async def GetPersona(self, request: pb.GetPersonaRequest, context: grpc.aio.ServicerContext) -> pb.Persona:
+        if len(request.id) > self._limits.max_id_chars:  # never echoed: it could exceed gRPC's metadata limit
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"id: at most {self._limits.max_id_chars} characters, got {len(request.id)}")
         state = self._registry.get(request.id)
         if state is None:
             known = ", ".join(s.id for s in self._registry.states()) or "none"
@@ -345,7 +375,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                              context: grpc.aio.ServicerContext) -> pb.ReloadPersonasResponse:
         errors = await asyncio.to_thread(self._registry.reload)
         return pb.ReloadPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()],
-                                         errors=errors)
+                                         errors=[self._unrooted(e) for e in errors])
 
     # --- shutdown ------------------------------------------------------------------
 

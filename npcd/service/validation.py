@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import grpc
@@ -30,11 +31,20 @@ def invalid(field: str, problem: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
 
 
-def _check_text(field: str, value: str, limit: int, *, required: bool = False) -> None:
+# Names and keys are rendered into the prompt's transcript ("Speaker: line", "[key: value]"): a newline (or any
+# control character) in one could start a forged line of its own, so they must be one plain line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _check_text(field: str, value: str, limit: int, *, required: bool = False, name: bool = False) -> None:
     if required and not value.strip():
         raise invalid(field, "required")
     if len(value) > limit:
         raise invalid(field, f"at most {limit} characters, got {len(value)}")
+    bad = _CONTROL.search(value) if name else None
+    if bad:
+        raise invalid(field, f"must be one line without control characters, got {bad.group()!r} at "
+                             f"character {bad.start()}")
 
 
 def internal(exc: Exception, when: str = "before it started") -> RequestError:
@@ -43,20 +53,20 @@ def internal(exc: Exception, when: str = "before it started") -> RequestError:
 
 def validate(req: pb.SayRequest, limits: Limits) -> None:
     """Every field against the daemon's limits; the error names the field and the limit."""
-    _check_text("request_id", req.request_id, limits.max_id_chars)
-    _check_text("persona", req.persona, limits.max_id_chars, required=True)
-    _check_text("npc_id", req.npc_id, limits.max_id_chars)
-    _check_text("speaker", req.speaker, limits.max_id_chars)
+    _check_text("request_id", req.request_id, limits.max_id_chars, name=True)
+    _check_text("persona", req.persona, limits.max_id_chars, required=True, name=True)
+    _check_text("npc_id", req.npc_id, limits.max_id_chars, name=True)
+    _check_text("speaker", req.speaker, limits.max_id_chars, name=True)
     _check_text("line", req.line, limits.max_line_chars, required=True)
     if len(req.history) > limits.max_history_turns:
         raise invalid("history", f"at most {limits.max_history_turns} turns, got {len(req.history)}")
     for i, turn in enumerate(req.history):
-        _check_text(f"history[{i}].speaker", turn.speaker, limits.max_id_chars, required=True)
+        _check_text(f"history[{i}].speaker", turn.speaker, limits.max_id_chars, required=True, name=True)
         _check_text(f"history[{i}].text", turn.text, limits.max_line_chars)
     if len(req.context) > limits.max_context_entries:
         raise invalid("context", f"at most {limits.max_context_entries} entries, got {len(req.context)}")
     for key, value in req.context.items():
-        _check_text(f"context key {key[:40]!r}", key, limits.max_id_chars, required=True)
+        _check_text(f"context key {key[:40]!r}", key, limits.max_id_chars, required=True, name=True)
         _check_text(f"context[{key!r}]", value, limits.max_line_chars)
     s = req.sampling
     # the operator's caps only ever narrow the shared bounds
