@@ -13,10 +13,18 @@
  * STARTED, TEXT_DELTA, EMOTION and ACTION events come before it; nothing
  * comes after it.
  * A request in flight when the connection drops ends with ERROR 14
- * (UNAVAILABLE); so does a request flushed while the client is not
- * connected.
+ * (UNAVAILABLE); so does a request flushed while the client is
+ * DISCONNECTED (it was connected and lost the connection). A request
+ * flushed while the client is still CONNECTING (it never was connected) waits
+ * in a bounded queue and goes out once connected; see npcd_client_options.
  *
  * Strings are UTF-8 and NUL-terminated. Strings passed in are copied.
+ * Malformed UTF-8 is refused with NPCD_ERR_INVALID_UTF8, never repaired:
+ * overlong forms, code points above U+10FFFF, and UTF-16 surrogates encoded
+ * on their own (CESU-8 / WTF-8: ED A0..BF xx). A NUL-terminated string cannot
+ * carry an embedded NUL; callers that hold a string with its length (C#,
+ * Unreal) check it first with npcd_check_utf8(), which refuses one with
+ * NPCD_ERR_EMBEDDED_NUL.
  * The functions taking a client are not thread-safe against each other:
  * call them from one thread (the game thread), or serialize the calls.
  */
@@ -44,9 +52,12 @@ typedef struct npcd_request npcd_request;
 
 typedef enum npcd_status {
     NPCD_OK = 0,
-    NPCD_ERR_INVALID_ARGUMENT = 1, /* NULL, empty where a value is needed, or not UTF-8 */
+    NPCD_ERR_INVALID_ARGUMENT = 1, /* NULL, empty where a value is needed, or out of range */
     NPCD_ERR_DUPLICATE_ID = 2,     /* a request with this id is pending or in flight */
-    NPCD_ERR_UNKNOWN_REQUEST = 3   /* no pending or in-flight request has this id */
+    NPCD_ERR_UNKNOWN_REQUEST = 3,  /* no pending or in-flight request has this id */
+    NPCD_ERR_INVALID_UTF8 = 4,     /* malformed UTF-8, including a lone surrogate (ED A0..BF xx) */
+    NPCD_ERR_EMBEDDED_NUL = 5,     /* npcd_check_utf8: a NUL byte inside the given length */
+    NPCD_ERR_INVALID_ADDRESS = 6   /* npcd_client_new*: the address does not parse */
 } npcd_status;
 
 typedef enum npcd_event_kind {
@@ -57,7 +68,13 @@ typedef enum npcd_event_kind {
     /* Structured lines only, after some TEXT_DELTAs and before FINISHED, each
      * at most once, as soon as its value is complete: */
     NPCD_EVENT_ACTION = 5,  /* action_name, action_args_json */
-    NPCD_EVENT_EMOTION = 6  /* emotion */
+    NPCD_EVENT_EMOTION = 6, /* emotion */
+    /* The daemon refused a new request because a line with the same id is still
+     * running in this session (text: its message). NOT an end: the running line's
+     * events go on and its terminal event still comes. The client already refuses
+     * an id that is pending or in flight (NPCD_ERR_DUPLICATE_ID), so this is rare
+     * (e.g. two processes sharing one id space on one session). */
+    NPCD_EVENT_DUPLICATE = 7
 } npcd_event_kind;
 
 /* The same numbers as npcd.v1.FinishReason. */
@@ -76,7 +93,11 @@ typedef enum npcd_priority {
 } npcd_priority;
 
 typedef enum npcd_connection_state {
-    NPCD_DISCONNECTED = 0, /* waiting before the next connection attempt */
+    /* It was connected and lost the connection; reconnecting with backoff.
+     * Requests flushed now end with ERROR 14 (UNAVAILABLE) at once. */
+    NPCD_DISCONNECTED = 0,
+    /* Never connected yet (the first attempts since npcd_client_new). Requests
+     * flushed now wait in the connect queue (npcd_client_options). */
     NPCD_CONNECTING = 1,
     NPCD_CONNECTED = 2
 } npcd_connection_state;
@@ -86,8 +107,9 @@ typedef enum npcd_connection_state {
  * npcd_client_free() on the same client; copy what you keep. No string is
  * ever NULL: a field an event does not carry is "".
  *
- * The fields after total_ms came with structured output; new fields are only
- * ever appended, so the offsets of the earlier ones stay.
+ * The fields after total_ms came with structured output, retry_after_ms
+ * after them; new fields are only ever appended, so the offsets of the
+ * earlier ones stay.
  */
 typedef struct npcd_event {
     const char *request_id;
@@ -108,16 +130,74 @@ typedef struct npcd_event {
     const char *action_args_json; /* ACTION, and FINISHED with an action: its arguments, a JSON object ("{}" when
                                      it takes none); otherwise "" */
     const char *emotion;          /* EMOTION: the label; FINISHED: the same, "" when the reply has none */
+    uint32_t retry_after_ms;      /* ERROR 8 (RESOURCE_EXHAUSTED): the daemon's estimate of when to try
+                                     again, in ms; 0 otherwise */
 } npcd_event;
+
+/*
+ * How to connect. Fill it with npcd_client_options_init() first, then set
+ * what you need: fields added later get their defaults that way (struct_size
+ * tells the library how much of the struct the caller knows).
+ */
+typedef struct npcd_client_options {
+    uint32_t struct_size;        /* sizeof(npcd_client_options); set by _init */
+    uint32_t initial_backoff_ms; /* 0: 250 */
+    uint32_t max_backoff_ms;     /* 0: 5000 */
+    /* Requests flushed while CONNECTING wait for the first connection: at most
+     * connect_queue_max of them (0: 64; more end with ERROR 8 RESOURCE_EXHAUSTED),
+     * each at most connect_queue_timeout_ms (0: 10000; then ERROR 14 UNAVAILABLE
+     * naming the timeout). */
+    uint32_t connect_queue_max;
+    uint32_t connect_queue_timeout_ms;
+    int32_t tls;                 /* != 0: TLS; 0: plaintext (loopback only, please) */
+    const char *address;         /* "host:port", "[v6]:port", or a gRPC URI (dns:, ipv4:, ipv6:, unix:) */
+    /* NULL or "": no token. Else sent as "authorization: Bearer <token>" on
+     * every call; printable ASCII without spaces. */
+    const char *token;
+    /* TLS: the PEM root certificates the server's certificate is checked
+     * against; NULL or "": the system's roots. */
+    const char *root_certs_pem;
+    /* TLS, mutual: the client's certificate chain and private key (PEM), both or neither. */
+    const char *client_cert_pem;
+    const char *client_key_pem;
+    /* TLS: the name the server's certificate must carry when it differs from
+     * the address's host (e.g. "localhost" for 127.0.0.1); NULL or "": the host. */
+    const char *tls_server_name;
+} npcd_client_options;
 
 /*
  * A client for the daemon at `address` ("host:port"). Connects in the
  * background; never blocks. Backoff between connection attempts starts at
  * initial_backoff_ms and doubles up to max_backoff_ms (0 picks 250 and 5000).
- * Returns NULL when address is NULL or empty.
+ * Plaintext, no token; the same as npcd_client_new_with_options with only
+ * these set. Returns NULL at once when address is NULL, empty, or does not
+ * parse ("no-port", "host:notaport", port 0 or above 65535); npcd_last_error()
+ * then says why.
  */
 NPCD_API npcd_client *npcd_client_new(const char *address, uint32_t initial_backoff_ms,
                                       uint32_t max_backoff_ms);
+/* The defaults: struct_size set, everything else 0 / NULL. */
+NPCD_API void npcd_client_options_init(npcd_client_options *options);
+/*
+ * A client as the options say (copied; the strings may be freed on return).
+ * Returns NULL when they are refused; then *status_out (when status_out is not
+ * NULL) is NPCD_ERR_INVALID_ADDRESS, _INVALID_UTF8 or _INVALID_ARGUMENT, and
+ * npcd_last_error() says which field and why.
+ */
+NPCD_API npcd_client *npcd_client_new_with_options(const npcd_client_options *options,
+                                                   npcd_status *status_out);
+/*
+ * Why the last npcd_client_new*, npcd_request_new or npcd_check_utf8 call on
+ * this thread failed ("" when it did not). Valid until the next such call on
+ * the same thread.
+ */
+NPCD_API const char *npcd_last_error(void);
+/*
+ * Checks `length` bytes (a NUL inside them is refused, none is needed at the
+ * end): NPCD_OK, NPCD_ERR_EMBEDDED_NUL or NPCD_ERR_INVALID_UTF8 (with the byte
+ * offset in npcd_last_error()). s may be NULL only when length is 0.
+ */
+NPCD_API npcd_status npcd_check_utf8(const char *s, uint64_t length);
 /* Closes the stream and joins the client's threads. NULL is ignored. */
 NPCD_API void npcd_client_free(npcd_client *client);
 NPCD_API int32_t npcd_client_state(const npcd_client *client);
@@ -125,7 +205,11 @@ NPCD_API int32_t npcd_client_state(const npcd_client *client);
 /*
  * A request builder: the NPC of persona `persona` answers `line`.
  * Gets a process-unique request id, readable with npcd_request_id().
- * Returns NULL when persona or line is NULL or not UTF-8.
+ * Returns NULL when persona is NULL or empty, or line is NULL, or either is
+ * not valid UTF-8; npcd_last_error() says which. The setters below return
+ * NPCD_ERR_INVALID_ARGUMENT for a NULL request or a NULL (or required but
+ * empty) string, NPCD_ERR_INVALID_UTF8 for malformed UTF-8; a refused call
+ * changes nothing.
  */
 NPCD_API npcd_request *npcd_request_new(const char *persona, const char *line);
 NPCD_API void npcd_request_free(npcd_request *request);

@@ -52,6 +52,11 @@ bool Event::from_wire(const v1::Event& wire, Event* out) {
             e.error_code = wire.error().code();
             e.error_status = wire.error().status();
             e.text = wire.error().message();
+            e.retry_after_ms = wire.error().retry_after_ms();
+            break;
+        case v1::Event::kDuplicate:
+            e.kind = NPCD_EVENT_DUPLICATE;
+            e.text = wire.duplicate().message();
             break;
         default:
             return false;

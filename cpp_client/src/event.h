@@ -25,6 +25,7 @@ struct Event {
     std::string action_name;  // ACTION, FINISHED
     std::string action_args_json;
     std::string emotion;  // EMOTION, FINISHED
+    uint32_t retry_after_ms = 0;  // ERROR (RESOURCE_EXHAUSTED)
 
     bool terminal() const;
 

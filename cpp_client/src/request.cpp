@@ -21,6 +21,13 @@ std::string next_request_id() {
     return buf;
 }
 
+// Returns the status of a refused string argument (INVALID_ARGUMENT or INVALID_UTF8).
+#define CHECK_STRING(s, required)                                \
+    do {                                                         \
+        const npcd_status status_ = npcd::check_string(s, required); \
+        if (status_ != NPCD_OK) return status_;                  \
+    } while (0)
+
 npcd::v1::SamplingOverrides* sampling(npcd_request* r) {
     return r->message.mutable_sampling();
 }
@@ -30,7 +37,16 @@ npcd::v1::SamplingOverrides* sampling(npcd_request* r) {
 extern "C" {
 
 npcd_request* npcd_request_new(const char* persona, const char* line) {
-    if (!npcd::is_utf8(persona) || *persona == 0 || !npcd::is_utf8(line)) return nullptr;
+    const npcd_status p = npcd::check_string(persona, true);
+    const npcd_status l = npcd::check_string(line, false);
+    if (p != NPCD_OK || l != NPCD_OK) {
+        npcd::set_last_error(p == NPCD_ERR_INVALID_ARGUMENT ? "npcd_request_new: persona is NULL or empty"
+                             : p == NPCD_ERR_INVALID_UTF8   ? "npcd_request_new: persona is not valid UTF-8"
+                             : l == NPCD_ERR_INVALID_ARGUMENT ? "npcd_request_new: line is NULL"
+                                                              : "npcd_request_new: line is not valid UTF-8");
+        return nullptr;
+    }
+    npcd::set_last_error("");
     auto* r = new npcd_request;
     r->message.set_request_id(next_request_id());
     r->message.set_persona(persona);
@@ -45,28 +61,31 @@ const char* npcd_request_id(const npcd_request* request) {
 }
 
 npcd_status npcd_request_set_id(npcd_request* request, const char* request_id) {
-    if (request == nullptr || !npcd::is_utf8(request_id) || *request_id == 0)
-        return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(request_id, true);
     request->message.set_request_id(request_id);
     return NPCD_OK;
 }
 
 npcd_status npcd_request_set_npc_id(npcd_request* request, const char* npc_id) {
-    if (request == nullptr || !npcd::is_utf8(npc_id)) return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(npc_id, false);
     request->message.set_npc_id(npc_id);
     return NPCD_OK;
 }
 
 npcd_status npcd_request_set_speaker(npcd_request* request, const char* speaker) {
-    if (request == nullptr || !npcd::is_utf8(speaker)) return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(speaker, false);
     request->message.set_speaker(speaker);
     return NPCD_OK;
 }
 
 npcd_status npcd_request_add_history(npcd_request* request, const char* speaker,
                                      const char* text) {
-    if (request == nullptr || !npcd::is_utf8(speaker) || !npcd::is_utf8(text))
-        return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(speaker, false);
+    CHECK_STRING(text, false);
     auto* turn = request->message.add_history();
     turn->set_speaker(speaker);
     turn->set_text(text);
@@ -74,8 +93,9 @@ npcd_status npcd_request_add_history(npcd_request* request, const char* speaker,
 }
 
 npcd_status npcd_request_set_context(npcd_request* request, const char* key, const char* value) {
-    if (request == nullptr || !npcd::is_utf8(key) || *key == 0 || !npcd::is_utf8(value))
-        return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(key, true);
+    CHECK_STRING(value, false);
     (*request->message.mutable_context())[key] = value;
     return NPCD_OK;
 }
@@ -131,8 +151,8 @@ npcd_status npcd_request_set_seed(npcd_request* request, uint64_t seed) {
 }
 
 npcd_status npcd_request_add_stop(npcd_request* request, const char* stop) {
-    if (request == nullptr || !npcd::is_utf8(stop) || *stop == 0)
-        return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(stop, true);
     sampling(request)->add_stop(stop);
     return NPCD_OK;
 }
@@ -145,10 +165,10 @@ npcd_status npcd_request_set_structured(npcd_request* request, int32_t on) {
 
 npcd_status npcd_request_add_action(npcd_request* request, const char* name,
                                     const char* description, const char* args_schema_json) {
-    if (request == nullptr || !npcd::is_utf8(name) || *name == 0 ||
-        (description != nullptr && !npcd::is_utf8(description)) ||
-        (args_schema_json != nullptr && !npcd::is_utf8(args_schema_json)))
-        return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(name, true);
+    if (description != nullptr) CHECK_STRING(description, false);
+    if (args_schema_json != nullptr) CHECK_STRING(args_schema_json, false);
     auto* action = request->message.add_actions();
     action->set_name(name);
     if (description != nullptr) action->set_description(description);
@@ -157,7 +177,8 @@ npcd_status npcd_request_add_action(npcd_request* request, const char* name,
 }
 
 npcd_status npcd_request_set_response_format(npcd_request* request, const char* schema_json) {
-    if (request == nullptr || !npcd::is_utf8(schema_json)) return NPCD_ERR_INVALID_ARGUMENT;
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(schema_json, false);
     request->message.set_response_format(schema_json);
     return NPCD_OK;
 }

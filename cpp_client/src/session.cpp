@@ -10,26 +10,48 @@ namespace npcd {
 namespace {
 
 constexpr int32_t kUnavailable = 14;
+constexpr int32_t kResourceExhausted = 8;
 // A stream that lived this long counts as healthy even if nothing came back.
 constexpr std::chrono::seconds kHealthyStream{1};
 
-std::shared_ptr<grpc::Channel> make_channel(const std::string& address,
+std::shared_ptr<grpc::Channel> make_channel(const SessionOptions& options,
                                             std::chrono::milliseconds initial,
                                             std::chrono::milliseconds max) {
     grpc::ChannelArguments args;
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, static_cast<int>(initial.count()));
     args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, static_cast<int>(initial.count()));
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, static_cast<int>(max.count()));
-    return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    std::shared_ptr<grpc::ChannelCredentials> credentials;
+    if (options.tls) {
+        grpc::SslCredentialsOptions ssl;
+        ssl.pem_root_certs = options.root_certs_pem;  // "": the system's roots
+        ssl.pem_cert_chain = options.client_cert_pem;
+        ssl.pem_private_key = options.client_key_pem;
+        credentials = grpc::SslCredentials(ssl);
+        if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
+    } else {
+        credentials = grpc::InsecureChannelCredentials();
+    }
+    return grpc::CreateCustomChannel(options.address, credentials, args);
+}
+
+const char* status_name(grpc::StatusCode code) {
+    static const char* const kNames[] = {
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED"};
+    const int i = static_cast<int>(code);
+    return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
 }  // namespace
 
-Session::Session(const std::string& address, std::chrono::milliseconds initial_backoff,
-                 std::chrono::milliseconds max_backoff)
-    : initial_backoff_(initial_backoff),
-      max_backoff_(std::max(initial_backoff, max_backoff)),
-      channel_(make_channel(address, initial_backoff_, max_backoff_)),
+Session::Session(SessionOptions options)
+    : options_(std::move(options)),
+      initial_backoff_(options_.initial_backoff),
+      max_backoff_(std::max(options_.initial_backoff, options_.max_backoff)),
+      channel_(make_channel(options_, initial_backoff_, max_backoff_)),
       stub_(v1::Npcd::NewStub(channel_)),
       state_(NPCD_CONNECTING) {
     thread_ = std::thread([this] { run(); });
@@ -47,10 +69,38 @@ Session::~Session() {
 
 void Session::send(v1::Tick tick) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (state_ != NPCD_CONNECTED && !ever_connected_) {
+        // CONNECTING: the requests wait for the first connection
+        for (const auto& cancel : tick.cancels()) {
+            auto it = std::find_if(connect_queue_.begin(), connect_queue_.end(), [&](const Queued& q) {
+                return q.request.request_id() == cancel.request_id();
+            });
+            if (it == connect_queue_.end()) continue;
+            connect_queue_.erase(it);
+            in_flight_.erase(cancel.request_id());
+            inbox_.push_back(Event::cancelled(cancel.request_id()));
+        }
+        const auto expires = std::chrono::steady_clock::now() + options_.connect_queue_timeout;
+        for (auto& request : *tick.mutable_requests()) {
+            if (connect_queue_.size() >= options_.connect_queue_max) {
+                inbox_.push_back(Event::error(
+                    request.request_id(), kResourceExhausted, "RESOURCE_EXHAUSTED",
+                    "not connected to npcd yet, and " + std::to_string(connect_queue_.size()) +
+                        " requests already wait for the connection (connect_queue_max)"));
+                continue;
+            }
+            in_flight_.insert(request.request_id());
+            connect_queue_.push_back(Queued{std::move(request), expires});
+        }
+        return;
+    }
     if (state_ != NPCD_CONNECTED) {
         for (const auto& request : tick.requests()) {
-            inbox_.push_back(Event::error(request.request_id(), kUnavailable, "UNAVAILABLE",
-                                          "not connected to npcd"));
+            if (refusal_code_ != 0)
+                inbox_.push_back(Event::error(request.request_id(), refusal_code_, refusal_status_, refusal_message_));
+            else
+                inbox_.push_back(Event::error(request.request_id(), kUnavailable, "UNAVAILABLE",
+                                              "not connected to npcd (the connection was lost; reconnecting)"));
         }
         return;
     }
@@ -96,7 +146,7 @@ void Session::run() {
         {
             std::lock_guard<std::mutex> lock(mu_);
             if (stopping_) return;
-            state_ = NPCD_DISCONNECTED;
+            state_ = ever_connected_ ? NPCD_DISCONNECTED : NPCD_CONNECTING;
         }
         delay = healthy ? initial_backoff_ : std::min(delay * 2, max_backoff_);
         if (!healthy && !sleep_for(delay)) return;
@@ -106,14 +156,16 @@ void Session::run() {
 bool Session::run_stream() {
     {
         std::lock_guard<std::mutex> lock(mu_);
-        state_ = NPCD_CONNECTING;
+        state_ = ever_connected_ ? NPCD_DISCONNECTED : NPCD_CONNECTING;
     }
     // The channel retries the connection with its own exponential backoff,
-    // configured like ours; wait in short slices so that shutdown is prompt.
+    // configured like ours; wait in short slices so that shutdown is prompt
+    // and queued requests time out on time.
     while (!channel_->WaitForConnected(std::chrono::system_clock::now() +
-                                       std::chrono::milliseconds(100))) {
+                                       std::chrono::milliseconds(50))) {
         std::lock_guard<std::mutex> lock(mu_);
         if (stopping_) return false;
+        expire_queued();
     }
 
     grpc::ClientContext context;
@@ -123,11 +175,19 @@ bool Session::run_stream() {
         context_ = &context;
         read_done_ = false;
     }
+    open_context(&context);
     const auto opened = std::chrono::steady_clock::now();
     auto stream = stub_->Session(&context);
     {
         std::lock_guard<std::mutex> lock(mu_);
         state_ = NPCD_CONNECTED;
+        ever_connected_ = true;
+        if (!connect_queue_.empty()) {  // they go out first, as one Tick
+            v1::Tick tick;
+            for (auto& q : connect_queue_) *tick.add_requests() = std::move(q.request);
+            connect_queue_.clear();
+            outbox_.push_front(std::move(tick));
+        }
     }
 
     bool received = false;
@@ -163,8 +223,19 @@ bool Session::run_stream() {
     std::lock_guard<std::mutex> lock(mu_);
     context_ = nullptr;
     outbox_.clear();
-    fail_in_flight(status.ok() ? std::string("the daemon closed the session")
-                               : status.error_message());
+    if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+        status.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+        // not a lost connection: say so with the daemon's own code
+        refusal_code_ = static_cast<int32_t>(status.error_code());
+        refusal_status_ = status_name(status.error_code());
+        refusal_message_ = "the daemon refused the session: " + status.error_message();
+        fail_in_flight(refusal_code_, refusal_status_, refusal_message_);
+    } else {
+        refusal_code_ = 0;
+        fail_in_flight(kUnavailable, "UNAVAILABLE",
+                       "connection to npcd lost: " + (status.ok() ? std::string("the daemon closed the session")
+                                                                  : status.error_message()));
+    }
     return received || std::chrono::steady_clock::now() - opened >= kHealthyStream;
 }
 
@@ -179,12 +250,27 @@ void Session::deliver(const v1::Event& wire) {
     inbox_.push_back(std::move(event));
 }
 
-void Session::fail_in_flight(const std::string& why) {
-    for (const auto& id : in_flight_) {
-        inbox_.push_back(
-            Event::error(id, kUnavailable, "UNAVAILABLE", "connection to npcd lost: " + why));
-    }
+void Session::fail_in_flight(int32_t code, const std::string& status, const std::string& why) {
+    for (const auto& id : in_flight_) inbox_.push_back(Event::error(id, code, status, why));
     in_flight_.clear();
+}
+
+void Session::expire_queued() {
+    const auto now = std::chrono::steady_clock::now();
+    while (!connect_queue_.empty() && connect_queue_.front().expires <= now) {
+        const std::string id = connect_queue_.front().request.request_id();
+        connect_queue_.pop_front();
+        in_flight_.erase(id);
+        inbox_.push_back(Event::error(
+            id, kUnavailable, "UNAVAILABLE",
+            "not connected to npcd at " + options_.address + " within " +
+                std::to_string(options_.connect_queue_timeout.count()) +
+                " ms (connect_queue_timeout_ms); the request was not sent"));
+    }
+}
+
+void Session::open_context(grpc::ClientContext* context) const {
+    if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
 }
 
 bool Session::sleep_for(std::chrono::milliseconds delay) {

@@ -22,16 +22,32 @@
 
 namespace npcd {
 
+// How to connect: npcd_client_options, checked and copied.
+struct SessionOptions {
+    std::string address;
+    std::chrono::milliseconds initial_backoff{250};
+    std::chrono::milliseconds max_backoff{5000};
+    size_t connect_queue_max = 64;
+    std::chrono::milliseconds connect_queue_timeout{10000};
+    std::string token;  // "": none
+    bool tls = false;
+    std::string root_certs_pem;
+    std::string client_cert_pem;
+    std::string client_key_pem;
+    std::string tls_server_name;
+};
+
 class Session {
 public:
-    Session(const std::string& address, std::chrono::milliseconds initial_backoff,
-            std::chrono::milliseconds max_backoff);
+    explicit Session(SessionOptions options);
     ~Session();
     Session(const Session&) = delete;
     Session& operator=(const Session&) = delete;
 
-    // Sends a tick when connected; otherwise its requests fail at once.
-    // Cancels of requests not in flight are dropped.
+    // Sends a tick when connected. While CONNECTING (never connected yet) its
+    // requests wait in the connect queue (bounded, each with a timeout); while
+    // DISCONNECTED they fail at once. Cancels of requests not in flight are
+    // dropped; a cancel of a queued request ends it FINISHED/CANCELLED.
     void send(v1::Tick tick);
     // Queues an event made by the caller (e.g. a local cancel).
     void post(Event event);
@@ -46,9 +62,18 @@ private:
     // stream the daemon ends at once makes the next attempt wait, doubling).
     bool run_stream();
     void deliver(const v1::Event& wire);
-    void fail_in_flight(const std::string& why);  // holds mu_
+    // holds mu_: every in-flight request ends with this error
+    void fail_in_flight(int32_t code, const std::string& status, const std::string& why);
+    void expire_queued();  // holds mu_: queued requests past their timeout fail
+    void open_context(grpc::ClientContext* context) const;
     bool sleep_for(std::chrono::milliseconds delay);  // false when stopping
 
+    struct Queued {
+        v1::SayRequest request;
+        std::chrono::steady_clock::time_point expires;
+    };
+
+    const SessionOptions options_;
     const std::chrono::milliseconds initial_backoff_;
     const std::chrono::milliseconds max_backoff_;
     std::shared_ptr<grpc::Channel> channel_;
@@ -59,6 +84,12 @@ private:
     bool stopping_ = false;
     bool read_done_ = false;
     int32_t state_;
+    bool ever_connected_ = false;
+    // The daemon's refusal of the last stream (UNAUTHENTICATED / PERMISSION_DENIED), code 0 when it
+    // was not refused: while DISCONNECTED after one, requests fail with it instead of UNAVAILABLE.
+    int32_t refusal_code_ = 0;
+    std::string refusal_status_, refusal_message_;
+    std::deque<Queued> connect_queue_;  // requests waiting for the first connection (also in in_flight_)
     grpc::ClientContext* context_ = nullptr;  // of the open stream
     std::deque<v1::Tick> outbox_;
     std::unordered_set<std::string> in_flight_;

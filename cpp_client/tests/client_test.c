@@ -7,6 +7,13 @@
  *                                         and actions
  *   npcd_client_test restart              needs NPCD_TEST_DAEMON_CMD (starts a daemon in
  *                                         the foreground) and NPCD_TEST_RESTART_ADDR (its address)
+ *   npcd_client_test busy                 needs NPCD_TEST_BUSY_ADDR: a daemon with max_queue 1
+ *   npcd_client_test offline              needs no daemon: address, option and UTF-8 checks,
+ *                                         and the connect queue against a closed port
+ *   npcd_client_test secure               needs NPCD_TEST_SECURE_ADDR: a daemon serving mutual TLS
+ *                                         with a token (NPCD_TEST_TOKEN), its CA (NPCD_TEST_CA_PEM)
+ *                                         and a client certificate and key (NPCD_TEST_CLIENT_CERT,
+ *                                         NPCD_TEST_CLIENT_KEY): PEM file paths
  *
  * All flows need NPCD_TEST_PERSONAS: comma-separated persona ids.
  * Exits 0 on success, 1 on failure, 77 (skipped) when the environment is missing.
@@ -65,6 +72,8 @@ typedef struct line {
     int done;          /* 0, NPCD_EVENT_FINISHED or NPCD_EVENT_ERROR */
     int finish_reason;
     int error_code;
+    unsigned retry_after_ms;
+    int duplicates;          /* DUPLICATE events (not an end) */
     unsigned completion_tokens;
     char text[TEXT_CAP];     /* the deltas, concatenated */
     char finished[TEXT_CAP]; /* FINISHED text or ERROR message */
@@ -144,9 +153,16 @@ static void on_event(lines *ls, const npcd_event *e) {
         copy_to(l->finished_action_args, sizeof l->finished_action_args, e->action_args_json);
         copy_to(l->finished_emotion, sizeof l->finished_emotion, e->emotion);
         break;
+    case NPCD_EVENT_DUPLICATE:
+        CHECK(e->text[0] != 0, "DUPLICATE without a message for %s", l->id);
+        l->duplicates++;
+        break;
     case NPCD_EVENT_ERROR:
         l->done = NPCD_EVENT_ERROR;
         l->error_code = e->error_code;
+        l->retry_after_ms = e->retry_after_ms;
+        CHECK(e->error_code == 8 || e->retry_after_ms == 0, "retry_after_ms %u on ERROR %d for %s",
+              e->retry_after_ms, e->error_code, l->id);
         CHECK(e->text[0] != 0, "ERROR without a message for %s", l->id);
         CHECK(e->error_status[0] != 0, "ERROR without a status name for %s", l->id);
         append(l->finished, e->text);
@@ -355,12 +371,12 @@ static void test_structured(void) {
           "add_action(NULL) accepted");
     CHECK(npcd_request_add_action(r, NULL, "x", NULL) == NPCD_ERR_INVALID_ARGUMENT, "action without a name accepted");
     CHECK(npcd_request_add_action(r, "", "x", NULL) == NPCD_ERR_INVALID_ARGUMENT, "action with an empty name accepted");
-    CHECK(npcd_request_add_action(r, "wave", "\xff\xfe", NULL) == NPCD_ERR_INVALID_ARGUMENT,
+    CHECK(npcd_request_add_action(r, "wave", "\xff\xfe", NULL) == NPCD_ERR_INVALID_UTF8,
           "non-UTF-8 action description accepted");
-    CHECK(npcd_request_add_action(r, "wave", NULL, "{\"a\": \"\xc3\"}") == NPCD_ERR_INVALID_ARGUMENT,
+    CHECK(npcd_request_add_action(r, "wave", NULL, "{\"a\": \"\xc3\"}") == NPCD_ERR_INVALID_UTF8,
           "non-UTF-8 action arguments accepted");
     CHECK(npcd_request_set_response_format(r, NULL) == NPCD_ERR_INVALID_ARGUMENT, "NULL response format accepted");
-    CHECK(npcd_request_set_response_format(r, "\xff") == NPCD_ERR_INVALID_ARGUMENT,
+    CHECK(npcd_request_set_response_format(r, "\xff") == NPCD_ERR_INVALID_UTF8,
           "non-UTF-8 response format accepted");
     CHECK(npcd_request_set_structured(r, 1) == NPCD_OK, "set_structured");
     line *persona_actions = submit(c, &ls, r); /* the refused calls above added nothing */
@@ -446,9 +462,28 @@ static void test_restart(void) {
     const char *cmd = env_or_skip("NPCD_TEST_DAEMON_CMD");
     const char *addr = env_or_skip("NPCD_TEST_RESTART_ADDR");
     atexit(kill_daemon_at_exit);
-    daemon_pid = start_daemon(cmd);
-    npcd_client *c = connect_to(addr, 180);
+    /* The client comes first: a line requested while CONNECTING waits for the connection. */
+    npcd_client_options o;
+    npcd_client_options_init(&o);
+    o.address = addr;
+    o.initial_backoff_ms = 100;
+    o.max_backoff_ms = 1000;
+    o.connect_queue_timeout_ms = 240000;
+    npcd_client *c = npcd_client_new_with_options(&o, NULL);
+    CHECK(c != NULL, "npcd_client_new_with_options(%s): %s", addr, npcd_last_error());
+    CHECK(npcd_client_state(c) == NPCD_CONNECTING, "a new client is not CONNECTING (state %d)", npcd_client_state(c));
     lines ls = {0};
+    line *early = say(c, &ls, personas[0], "Are you open yet?", 8);
+    npcd_flush(c);
+    sleep_ms(300);
+    {
+        npcd_event events[8];
+        CHECK(npcd_poll(c, events, 8) == 0, "a line queued while CONNECTING got an event before any daemon ran");
+    }
+    daemon_pid = start_daemon(cmd);
+    pump_until(c, &ls, early, is_done, 240, "the line queued while CONNECTING");
+    expect_complete_line(early);
+    CHECK(npcd_client_state(c) == NPCD_CONNECTED, "not CONNECTED after a line went through");
 
     line *before = say(c, &ls, personas[0], "Hello!", 8);
     pump_until(c, &ls, before, is_done, 120, "the line before the restart");
@@ -470,6 +505,8 @@ static void test_restart(void) {
         CHECK(now_s() < give_up, "still CONNECTED 10 s after the daemon died");
         sleep_ms(10);
     }
+    CHECK(npcd_client_state(c) == NPCD_DISCONNECTED, "after losing the daemon: want DISCONNECTED, got %d",
+          npcd_client_state(c));
     line *offline = say(c, &ls, personas[0], "Anyone there?", 8);
     pump_until(c, &ls, offline, is_done, 10, "the error of a request sent while offline");
     CHECK(offline->done == NPCD_EVENT_ERROR && offline->error_code == 14,
@@ -489,9 +526,245 @@ static void test_restart(void) {
     npcd_client_free(c);
 }
 
+/* A daemon with max_queue 1: of three lines in one Tick, the second and third are refused
+ * with RESOURCE_EXHAUSTED and a retry hint. */
+static void test_busy(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_BUSY_ADDR"), 60);
+    lines ls = {0};
+    line *l[3];
+    for (int i = 0; i < 3; i++) l[i] = say(c, &ls, personas[0], "Quick, a word!", 8);
+    pump_all_done(c, &ls, 120);
+    int finished = 0, refused = 0;
+    for (int i = 0; i < 3; i++) {
+        if (l[i]->done == NPCD_EVENT_FINISHED) {
+            expect_complete_line(l[i]);
+            CHECK(l[i]->retry_after_ms == 0, "a finished line has retry_after_ms");
+            finished++;
+        } else {
+            CHECK(l[i]->error_code == 8, "%s: want ERROR 8 (RESOURCE_EXHAUSTED), got %d: %s", l[i]->id,
+                  l[i]->error_code, l[i]->finished);
+            CHECK(l[i]->retry_after_ms >= 50 && l[i]->retry_after_ms <= 30000,
+                  "%s: retry_after_ms %u not in 50..30000", l[i]->id, l[i]->retry_after_ms);
+            refused++;
+        }
+    }
+    CHECK(finished >= 1 && refused >= 1, "want some finished and some refused lines, got %d and %d", finished, refused);
+    printf("busy: %d finished, %d refused (retry after %u ms)\n", finished, refused,
+           l[2]->done == NPCD_EVENT_ERROR ? l[2]->retry_after_ms : l[1]->retry_after_ms);
+    npcd_client_free(c);
+}
+
+static npcd_status options_status(const npcd_client_options *o) {
+    npcd_status st = NPCD_OK;
+    npcd_client *c = npcd_client_new_with_options(o, &st);
+    if (c != NULL) npcd_client_free(c);
+    return st;
+}
+
+/* No daemon: what is refused at once, and the connect queue against a closed port. */
+static void test_offline(void) {
+    /* addresses */
+    const char *bad[] = {"no-port", "host:notaport", "host:0", "host:65536", ":50051", "::1:50051", "[::1]",
+                         "unix:", "ipv4:127.0.0.1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK(npcd_client_new(bad[i], 0, 0) == NULL, "address '%s' accepted", bad[i]);
+        CHECK(npcd_last_error()[0] != 0, "no npcd_last_error() for address '%s'", bad[i]);
+    }
+    CHECK(npcd_client_new("", 0, 0) == NULL && npcd_client_new(NULL, 0, 0) == NULL, "empty address accepted");
+    const char *good[] = {"127.0.0.1:1", "localhost:50051", "[::1]:50051", "dns:///localhost:50051",
+                          "ipv4:127.0.0.1:1,127.0.0.1:2", "unix:/tmp/npcd.sock"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        npcd_client *c = npcd_client_new(good[i], 0, 0);
+        CHECK(c != NULL, "address '%s' refused: %s", good[i], npcd_last_error());
+        npcd_client_free(c);
+    }
+
+    /* options */
+    npcd_client_options o;
+    npcd_client_options_init(&o);
+    CHECK(o.struct_size == sizeof o && o.address == NULL && o.tls == 0, "npcd_client_options_init");
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "options without an address accepted");
+    o.address = "no-port";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ADDRESS, "bad address: want NPCD_ERR_INVALID_ADDRESS");
+    CHECK(strstr(npcd_last_error(), "no-port") != NULL, "last error '%s' does not name the address", npcd_last_error());
+    o.address = "127.0.0.1:1";
+    CHECK(options_status(&o) == NPCD_OK, "plain options refused: %s", npcd_last_error());
+    o.struct_size = 8;
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "a short struct_size accepted");
+    o.struct_size = sizeof o;
+    o.token = "secret token";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "a token with a space accepted");
+    o.token = "secret\r\nx-evil: 1";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "a token with CR LF accepted");
+    o.token = "s3cr3t-T0ken_.~+/=";
+    CHECK(options_status(&o) == NPCD_OK, "a good token refused: %s", npcd_last_error());
+    o.root_certs_pem = "-----BEGIN CERTIFICATE-----";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "root_certs_pem without tls accepted");
+    CHECK(strstr(npcd_last_error(), "tls") != NULL, "last error '%s' does not say tls", npcd_last_error());
+    o.tls = 1;
+    o.client_cert_pem = "-----BEGIN CERTIFICATE-----";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_ARGUMENT, "a client certificate without its key accepted");
+    o.client_cert_pem = NULL;
+    o.root_certs_pem = NULL; /* the system's roots */
+    o.tls_server_name = "localhost";
+    CHECK(options_status(&o) == NPCD_OK, "TLS options refused: %s", npcd_last_error());
+    o.tls_server_name = "\xed\xa0\x80";
+    CHECK(options_status(&o) == NPCD_ERR_INVALID_UTF8, "a surrogate in tls_server_name accepted");
+
+    /* UTF-8: lone surrogates (CESU-8 / WTF-8), overlongs, embedded NULs */
+    CHECK(npcd_request_new("p", "\xed\xa0\x80") == NULL, "a lone high surrogate accepted");
+    CHECK(strstr(npcd_last_error(), "line") != NULL, "last error '%s' does not name the line", npcd_last_error());
+    CHECK(npcd_request_new("\xed\xbf\xbf", "x") == NULL, "a lone low surrogate accepted as persona");
+    CHECK(npcd_request_new("p", "\xed\xa0\xbd\xed\xb8\x80") == NULL, "a CESU-8 surrogate pair accepted");
+    CHECK(npcd_request_new("p", "\xc0\xaf") == NULL, "an overlong '/' accepted");
+    npcd_request *r = npcd_request_new("p", "caf\xc3\xa9 \xf0\x9f\x98\x80 \xed\x9f\xbf");
+    CHECK(r != NULL, "good UTF-8 (U+00E9, U+1F600, U+D7FF) refused: %s", npcd_last_error());
+    CHECK(npcd_request_set_speaker(r, "\xed\xa0\x80") == NPCD_ERR_INVALID_UTF8, "surrogate speaker: want INVALID_UTF8");
+    CHECK(npcd_request_set_context(r, "mood", "\xed\xb0\x80") == NPCD_ERR_INVALID_UTF8, "surrogate context");
+    CHECK(npcd_request_add_history(r, "Player", "\xff") == NPCD_ERR_INVALID_UTF8, "bad history text");
+    CHECK(npcd_request_set_speaker(r, NULL) == NPCD_ERR_INVALID_ARGUMENT, "NULL speaker");
+    CHECK(npcd_check_utf8("a\0b", 3) == NPCD_ERR_EMBEDDED_NUL, "embedded NUL: want NPCD_ERR_EMBEDDED_NUL");
+    CHECK(strstr(npcd_last_error(), "byte 1") != NULL, "last error '%s' does not say where", npcd_last_error());
+    CHECK(npcd_check_utf8("\xed\xa0\x80", 3) == NPCD_ERR_INVALID_UTF8, "npcd_check_utf8: surrogate");
+    CHECK(npcd_check_utf8("\xc3", 1) == NPCD_ERR_INVALID_UTF8, "npcd_check_utf8: cut sequence");
+    CHECK(npcd_check_utf8("caf\xc3\xa9", 5) == NPCD_OK, "npcd_check_utf8: good text");
+    CHECK(npcd_check_utf8(NULL, 0) == NPCD_OK && npcd_check_utf8(NULL, 1) == NPCD_ERR_INVALID_ARGUMENT,
+          "npcd_check_utf8: NULL");
+
+    /* the connect queue: nothing listens on port 1, so the client stays CONNECTING */
+    npcd_client_options_init(&o);
+    o.address = "127.0.0.1:1";
+    o.connect_queue_max = 2;
+    o.connect_queue_timeout_ms = 400;
+    npcd_client *c = npcd_client_new_with_options(&o, NULL);
+    CHECK(c != NULL, "client: %s", npcd_last_error());
+    lines ls = {0};
+    line *q1 = say(c, &ls, personas[0], "one", 8);
+    line *q2 = say(c, &ls, personas[0], "two", 8);
+    line *q3 = say(c, &ls, personas[0], "three", 8);
+    line *q4 = NULL;
+    double t0 = now_s();
+    npcd_flush(c);
+    CHECK(npcd_client_state(c) == NPCD_CONNECTING, "want CONNECTING, got %d", npcd_client_state(c));
+    CHECK(npcd_submit(c, NULL) == NPCD_ERR_INVALID_ARGUMENT, "submit NULL");
+    {
+        npcd_request *dup = make_request(personas[0], "again", 8);
+        CHECK(npcd_request_set_id(dup, q1->id) == NPCD_OK, "set_id");
+        CHECK(npcd_submit(c, dup) == NPCD_ERR_DUPLICATE_ID, "a queued id submitted twice");
+        npcd_request_free(dup);
+    }
+    pump_until(c, &ls, q3, is_done, 5, "the third queued line (over connect_queue_max)");
+    CHECK(q3->done == NPCD_EVENT_ERROR && q3->error_code == 8, "over connect_queue_max: want ERROR 8, got %d %d",
+          q3->done, q3->error_code);
+    CHECK(!q1->done && !q2->done, "queued lines ended early");
+    CHECK(npcd_cancel(c, q2->id) == NPCD_OK, "cancel of a queued line");
+    pump_until(c, &ls, q2, is_done, 5, "the cancelled queued line");
+    CHECK(q2->done == NPCD_EVENT_FINISHED && q2->finish_reason == NPCD_FINISH_CANCELLED,
+          "a cancelled queued line: want FINISHED/CANCELLED, got %d %d", q2->done, q2->finish_reason);
+    q4 = say(c, &ls, personas[0], "four", 8); /* a place freed */
+    pump_until(c, &ls, q1, is_done, 5, "the queue timeout");
+    double waited = now_s() - t0;
+    CHECK(q1->done == NPCD_EVENT_ERROR && q1->error_code == 14 && strstr(q1->finished, "connect_queue_timeout_ms"),
+          "a queued line past its timeout: want ERROR 14 naming connect_queue_timeout_ms, got %d %d '%s'", q1->done,
+          q1->error_code, q1->finished);
+    CHECK(waited >= 0.35, "the queue timeout came after %.2f s, before 400 ms", waited);
+    pump_until(c, &ls, q4, is_done, 5, "the fourth queued line's timeout");
+    CHECK(q4->done == NPCD_EVENT_ERROR && q4->error_code == 14, "fourth: want ERROR 14, got %d", q4->error_code);
+    CHECK(npcd_client_state(c) == NPCD_CONNECTING, "want still CONNECTING, got %d", npcd_client_state(c));
+    npcd_request_free(r);
+    npcd_client_free(c);
+    printf("offline: addresses, options and UTF-8 checked; queued line timed out after %.2f s: '%s'\n", waited,
+           q1->finished);
+}
+
+static char *read_text(const char *path) {
+    FILE *f = fopen(path, "rb");
+    CHECK(f != NULL, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    CHECK(buf != NULL && fread(buf, 1, (size_t)n, f) == (size_t)n, "cannot read %s", path);
+    buf[n] = 0;
+    fclose(f);
+    return buf;
+}
+
+/* One line over a client made from `o`, submitted while CONNECTING so that it is the first
+ * Tick of the first stream (a refused session then fails it with the daemon's code). */
+static line *secure_line(const npcd_client_options *o, lines *ls, double timeout_s, const char *what) {
+    npcd_client *c = npcd_client_new_with_options(o, NULL);
+    CHECK(c != NULL, "%s: npcd_client_new_with_options: %s", what, npcd_last_error());
+    line *l = say(c, ls, personas[0], "Who goes there?", 8);
+    npcd_flush(c);
+    pump_until(c, ls, l, is_done, timeout_s, what);
+    npcd_client_free(c);
+    return l;
+}
+
+/* Mutual TLS and a bearer token: all three needed, each refusal visible. */
+static void test_secure(void) {
+    const char *addr = env_or_skip("NPCD_TEST_SECURE_ADDR");
+    const char *token = env_or_skip("NPCD_TEST_TOKEN");
+    char *ca = read_text(env_or_skip("NPCD_TEST_CA_PEM"));
+    char *cert = read_text(env_or_skip("NPCD_TEST_CLIENT_CERT"));
+    char *key = read_text(env_or_skip("NPCD_TEST_CLIENT_KEY"));
+    lines ls = {0};
+    npcd_client_options o;
+    npcd_client_options_init(&o);
+    o.address = addr;
+    o.initial_backoff_ms = 100;
+    o.max_backoff_ms = 1000;
+    o.connect_queue_timeout_ms = 60000;
+    o.tls = 1;
+    o.root_certs_pem = ca;
+    o.client_cert_pem = cert;
+    o.client_key_pem = key;
+    o.tls_server_name = "localhost";
+    o.token = token;
+
+    line *ok = secure_line(&o, &ls, 120, "a line with TLS, a client certificate and the token");
+    expect_complete_line(ok);
+
+    o.token = NULL;
+    line *none = secure_line(&o, &ls, 60, "a line without the token");
+    CHECK(none->done == NPCD_EVENT_ERROR && none->error_code == 16 && strstr(none->finished, "missing"),
+          "no token: want ERROR 16 (UNAUTHENTICATED) saying missing, got %d %d '%s'", none->done,
+          none->error_code, none->finished);
+
+    o.token = "not-the-token";
+    line *wrong = secure_line(&o, &ls, 60, "a line with a wrong token");
+    CHECK(wrong->done == NPCD_EVENT_ERROR && wrong->error_code == 16 && strstr(wrong->finished, "wrong"),
+          "wrong token: want ERROR 16 saying wrong, got %d %d '%s'", wrong->done, wrong->error_code,
+          wrong->finished);
+
+    /* no client certificate, and plaintext: the handshake fails, the client never connects */
+    o.token = token;
+    o.client_cert_pem = NULL;
+    o.client_key_pem = NULL;
+    o.connect_queue_timeout_ms = 1500;
+    line *nocert = secure_line(&o, &ls, 30, "a line without a client certificate");
+    CHECK(nocert->done == NPCD_EVENT_ERROR && nocert->error_code == 14 &&
+              strstr(nocert->finished, "connect_queue_timeout_ms"),
+          "no client certificate: want ERROR 14 after the connect timeout, got %d %d '%s'", nocert->done,
+          nocert->error_code, nocert->finished);
+    npcd_client_options_init(&o);
+    o.address = addr;
+    o.token = token;
+    o.connect_queue_timeout_ms = 1500;
+    line *plain = secure_line(&o, &ls, 30, "a plaintext line to the TLS port");
+    CHECK(plain->done == NPCD_EVENT_ERROR && plain->error_code == 14,
+          "plaintext to TLS: want ERROR 14, got %d %d '%s'", plain->done, plain->error_code, plain->finished);
+    printf("secure: mutual TLS + token '%s'; no token: '%s'; no client certificate: '%s'\n", ok->finished,
+           none->finished, nocert->finished);
+    free(ca);
+    free(cert);
+    free(key);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart\n", argv[0]);
+        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -501,6 +774,9 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "cancel") == 0) test_cancel();
     else if (strcmp(argv[1], "structured") == 0) test_structured();
     else if (strcmp(argv[1], "restart") == 0) test_restart();
+    else if (strcmp(argv[1], "busy") == 0) test_busy();
+    else if (strcmp(argv[1], "offline") == 0) test_offline();
+    else if (strcmp(argv[1], "secure") == 0) test_secure();
     else {
         fprintf(stderr, "unknown flow %s\n", argv[1]);
         return 2;

@@ -32,6 +32,25 @@ namespace Npcd
             public IntPtr ActionName;
             public IntPtr ActionArgsJson;
             public IntPtr Emotion;
+            public uint RetryAfterMs;
+        }
+
+        // npcd_client_options field for field (npcd_client_options_init fills the defaults).
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct NativeOptions
+        {
+            public uint StructSize;
+            public uint InitialBackoffMs;
+            public uint MaxBackoffMs;
+            public uint ConnectQueueMax;
+            public uint ConnectQueueTimeoutMs;
+            public int Tls;
+            public IntPtr Address;
+            public IntPtr Token;
+            public IntPtr RootCertsPem;
+            public IntPtr ClientCertPem;
+            public IntPtr ClientKeyPem;
+            public IntPtr TlsServerName;
         }
 
         // npcd_event_kind
@@ -41,8 +60,17 @@ namespace Npcd
         internal const int EventError = 4;
         internal const int EventAction = 5;
         internal const int EventEmotion = 6;
+        internal const int EventDuplicate = 7;
+
+        // npcd_status
+        internal const int StatusOk = 0;
+        internal const int StatusDuplicateId = 2;
+        internal const int StatusInvalidUtf8 = 4;
 
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new(byte[] address, uint initialBackoffMs, uint maxBackoffMs);
+        [DllImport(Lib)] internal static extern void npcd_client_options_init(ref NativeOptions options);
+        [DllImport(Lib)] internal static extern IntPtr npcd_client_new_with_options(ref NativeOptions options, out int status);
+        [DllImport(Lib)] internal static extern IntPtr npcd_last_error();
         [DllImport(Lib)] internal static extern void npcd_client_free(IntPtr client);
         [DllImport(Lib)] internal static extern int npcd_client_state(IntPtr client);
 
@@ -73,18 +101,58 @@ namespace Npcd
         [DllImport(Lib)] internal static extern void npcd_flush(IntPtr client);
         [DllImport(Lib)] internal static extern int npcd_poll(IntPtr client, [Out] NativeEvent[] events, int max);
 
-        internal static byte[] Utf8(string s)
+        /// <summary>NUL-terminated UTF-8 of s. Refuses (ArgumentException whose ParamName is
+        /// `field`) what the C side would cut short or what UTF-8 cannot carry: an embedded
+        /// '\0', and a lone UTF-16 surrogate (which Encoding.UTF8 would silently replace).</summary>
+        internal static byte[] Utf8(string s, string field)
         {
-            if (s == null) throw new ArgumentNullException();
+            if (s == null) throw new ArgumentNullException(field);
+            CheckText(s, field);
             var bytes = new byte[Encoding.UTF8.GetByteCount(s) + 1];
             Encoding.UTF8.GetBytes(s, 0, s.Length, bytes, 0);
             return bytes;
         }
 
         /// <summary>Utf8, with null passed on as NULL.</summary>
-        internal static byte[] Utf8OrNull(string s)
+        internal static byte[] Utf8OrNull(string s, string field)
         {
-            return s == null ? null : Utf8(s);
+            return s == null ? null : Utf8(s, field);
+        }
+
+        /// <summary>Throws ArgumentException(ParamName = field) for an embedded '\0' or a
+        /// surrogate without its pair.</summary>
+        internal static void CheckText(string s, string field)
+        {
+            for (int i = 0; i < s.Length; i++)
+            {
+                char c = s[i];
+                if (c == '\0')
+                    throw new ArgumentException(field + " contains an embedded NUL ('\\0') at index " + i, field);
+                if (char.IsHighSurrogate(c) && i + 1 < s.Length && char.IsLowSurrogate(s[i + 1]))
+                {
+                    i++;
+                    continue;
+                }
+                if (char.IsSurrogate(c))
+                    throw new ArgumentException(field + " contains a lone UTF-16 surrogate (U+" + ((int)c).ToString("X4")
+                                                + ") at index " + i + "; it has no UTF-8 form", field);
+            }
+        }
+
+        /// <summary>A NUL-terminated UTF-8 copy in unmanaged memory (free with FreeHGlobal);
+        /// IntPtr.Zero for null.</summary>
+        internal static IntPtr Utf8Alloc(string s, string field)
+        {
+            if (s == null) return IntPtr.Zero;
+            byte[] bytes = Utf8(s, field);
+            IntPtr p = Marshal.AllocHGlobal(bytes.Length);
+            Marshal.Copy(bytes, 0, p, bytes.Length);
+            return p;
+        }
+
+        internal static string LastError()
+        {
+            return FromUtf8(npcd_last_error());
         }
 
         internal static string FromUtf8(IntPtr p)

@@ -1,13 +1,47 @@
 using System;
 using System.Collections.Generic;
+using System.Runtime.InteropServices;
 
 namespace Npcd
 {
+    /// <summary>How to connect (npcd_client_options). Only Address is required.</summary>
+    public sealed class NpcdClientOptions
+    {
+        /// <summary>"host:port" of the daemon, e.g. "127.0.0.1:50051" (or "[::1]:50051", or a gRPC URI).</summary>
+        public string Address;
+        /// <summary>First wait between connection attempts; 0 = 250 ms.</summary>
+        public uint InitialBackoffMs;
+        /// <summary>The most the wait grows to (doubling); 0 = 5000 ms.</summary>
+        public uint MaxBackoffMs;
+        /// <summary>null or "": none. Else sent as "authorization: Bearer &lt;token&gt;" on every call;
+        /// printable ASCII without spaces.</summary>
+        public string Token;
+        /// <summary>TLS instead of plaintext.</summary>
+        public bool Tls;
+        /// <summary>TLS: PEM root certificates the server's certificate is checked against; null = the system's.</summary>
+        public string RootCertsPem;
+        /// <summary>Mutual TLS: the client's certificate chain and private key (PEM), both or neither.</summary>
+        public string ClientCertPem;
+        public string ClientKeyPem;
+        /// <summary>TLS: the name the server's certificate carries, when it differs from the address's host.</summary>
+        public string TlsServerName;
+        /// <summary>Lines requested while Connecting wait for the first connection: at most this many
+        /// (0 = 64; more fail with code 8), each at most ConnectQueueTimeoutMs (0 = 10000; then code 14).</summary>
+        public uint ConnectQueueMax;
+        public uint ConnectQueueTimeoutMs;
+
+        public NpcdClientOptions(string address)
+        {
+            Address = address;
+        }
+    }
+
     /// <summary>A connection to the npcd daemon. Not thread-safe: use it from one thread (the
     /// game thread) and call Poll once per frame. Lines requested between two polls go out
     /// together as one Tick. It reconnects by itself when the daemon restarts; lines in flight
     /// at the disconnect fail with code 14 (UNAVAILABLE), and so do lines requested while it
-    /// is not connected.</summary>
+    /// is Disconnected. Lines requested while it is still Connecting (never connected yet) wait
+    /// for the connection (NpcdClientOptions.ConnectQueueMax / ConnectQueueTimeoutMs).</summary>
     public sealed class NpcdClient : IDisposable
     {
         private const int BatchSize = 64;
@@ -19,11 +53,52 @@ namespace Npcd
         /// <param name="address">"host:port" of the daemon, e.g. "127.0.0.1:50051".</param>
         /// <param name="initialBackoffMs">first wait between connection attempts; 0 = 250 ms</param>
         /// <param name="maxBackoffMs">the most the wait grows to (doubling); 0 = 5000 ms</param>
+        /// <exception cref="ArgumentException">the address is empty or does not parse</exception>
         public NpcdClient(string address, uint initialBackoffMs = 0, uint maxBackoffMs = 0)
+            : this(new NpcdClientOptions(address) { InitialBackoffMs = initialBackoffMs, MaxBackoffMs = maxBackoffMs })
         {
-            if (string.IsNullOrEmpty(address)) throw new ArgumentException("address is empty", "address");
-            handle = NativeMethods.npcd_client_new(NativeMethods.Utf8(address), initialBackoffMs, maxBackoffMs);
-            if (handle == IntPtr.Zero) throw new ArgumentException("invalid address: " + address, "address");
+        }
+
+        /// <exception cref="ArgumentException">an option is refused; the message names it</exception>
+        public NpcdClient(NpcdClientOptions options)
+        {
+            if (options == null) throw new ArgumentNullException("options");
+            if (string.IsNullOrEmpty(options.Address)) throw new ArgumentException("address is empty", "address");
+            var native = new NativeMethods.NativeOptions();
+            NativeMethods.npcd_client_options_init(ref native);
+            native.InitialBackoffMs = options.InitialBackoffMs;
+            native.MaxBackoffMs = options.MaxBackoffMs;
+            native.ConnectQueueMax = options.ConnectQueueMax;
+            native.ConnectQueueTimeoutMs = options.ConnectQueueTimeoutMs;
+            native.Tls = options.Tls ? 1 : 0;
+            try
+            {
+                native.Address = NativeMethods.Utf8Alloc(options.Address, "address");
+                native.Token = NativeMethods.Utf8Alloc(options.Token, "Token");
+                native.RootCertsPem = NativeMethods.Utf8Alloc(options.RootCertsPem, "RootCertsPem");
+                native.ClientCertPem = NativeMethods.Utf8Alloc(options.ClientCertPem, "ClientCertPem");
+                native.ClientKeyPem = NativeMethods.Utf8Alloc(options.ClientKeyPem, "ClientKeyPem");
+                native.TlsServerName = NativeMethods.Utf8Alloc(options.TlsServerName, "TlsServerName");
+                int status;
+                handle = NativeMethods.npcd_client_new_with_options(ref native, out status);
+                if (handle == IntPtr.Zero)
+                    throw new ArgumentException(NativeMethods.LastError() + " (status " + status + ")",
+                                                status == 6 ? "address" : "options");
+            }
+            finally
+            {
+                Free(native.Address);
+                Free(native.Token);
+                Free(native.RootCertsPem);
+                Free(native.ClientCertPem);
+                Free(native.ClientKeyPem);
+                Free(native.TlsServerName);
+            }
+        }
+
+        private static void Free(IntPtr p)
+        {
+            if (p != IntPtr.Zero) Marshal.FreeHGlobal(p);
         }
 
         public ConnectionState State
@@ -34,7 +109,10 @@ namespace Npcd
         /// <summary>Lines requested and not ended yet.</summary>
         public int ActiveLines { get { return lines.Count; } }
 
-        /// <summary>Requests a line; it goes out at the next Poll or Flush.</summary>
+        /// <summary>Requests a line; it goes out at the next Poll or Flush. Everything is checked
+        /// before anything is queued: an ArgumentException (ParamName the field) means nothing
+        /// was sent. A request id is in use until its line ended, i.e. its Finished or Failed
+        /// was raised; after Cancel() that happens at the next Poll.</summary>
         public NpcdLine Say(LineRequest request)
         {
             if (request == null) throw new ArgumentNullException("request");
@@ -42,9 +120,12 @@ namespace Npcd
             IntPtr native = RequestBuilder.Build(request);
             try
             {
-                int status = NativeMethods.npcd_submit(handle, native);
                 string id = NativeMethods.FromUtf8(NativeMethods.npcd_request_id(native));
-                if (status == 2) throw new ArgumentException("request id " + id + " is already in use", "request");
+                if (lines.ContainsKey(id))
+                    throw new ArgumentException("request id " + id + " is still in use: its line has not ended"
+                                                + " (a cancelled line ends at the next Poll)", "RequestId");
+                int status = NativeMethods.npcd_submit(handle, native);
+                if (status == NativeMethods.StatusDuplicateId) throw new ArgumentException("request id " + id + " is already in use", "RequestId");
                 if (status != 0) throw new ArgumentException("the request was refused (status " + status + ")", "request");
                 var line = new NpcdLine(this, id, request.Persona);
                 lines.Add(id, line);
@@ -60,7 +141,7 @@ namespace Npcd
         public bool Cancel(string requestId)
         {
             if (requestId == null) throw new ArgumentNullException("requestId");
-            return NativeMethods.npcd_cancel(Live(), NativeMethods.Utf8(requestId)) == 0;
+            return NativeMethods.npcd_cancel(Live(), NativeMethods.Utf8(requestId, "requestId")) == 0;
         }
 
         /// <summary>Sends the lines requested and cancels issued since the last Poll now.</summary>
@@ -71,7 +152,10 @@ namespace Npcd
 
         /// <summary>Flushes, then raises the events that arrived since the last call, in
         /// order. Returns how many. If a handler throws, the remaining events are still
-        /// delivered and the exceptions are rethrown together at the end.</summary>
+        /// delivered and the exceptions are rethrown together at the end. A handler may
+        /// Dispose the client: each batch is copied out of native memory before any handler
+        /// runs, and the events after the Dispose are dropped (Dispose already ended their
+        /// lines).</summary>
         public int Poll()
         {
             Live();
@@ -81,11 +165,14 @@ namespace Npcd
             do
             {
                 n = NativeMethods.npcd_poll(handle, buffer, BatchSize);
-                for (int i = 0; i < n; i++)
+                // copy first: the strings live in the client, which a handler may free
+                var batch = new PolledEvent[n];
+                for (int i = 0; i < n; i++) batch[i] = PolledEvent.From(ref buffer[i]);
+                for (int i = 0; i < n && handle != IntPtr.Zero; i++)
                 {
                     try
                     {
-                        Dispatch(ref buffer[i]);
+                        Dispatch(batch[i]);
                     }
                     catch (Exception e)
                     {
@@ -94,12 +181,13 @@ namespace Npcd
                     }
                 }
                 total += n;
-            } while (n == BatchSize);
+            } while (n == BatchSize && handle != IntPtr.Zero);
             if (errors != null) throw new AggregateException("an npcd event handler threw", errors);
             return total;
         }
 
-        /// <summary>Closes the connection. Active lines fail with code 1 (CANCELLED).</summary>
+        /// <summary>Closes the connection. Active lines fail with code 1 (CANCELLED). May be
+        /// called from an event handler inside Poll.</summary>
         public void Dispose()
         {
             if (handle == IntPtr.Zero) return;
@@ -120,37 +208,70 @@ namespace Npcd
             return handle;
         }
 
-        private void Dispatch(ref NativeMethods.NativeEvent e)
+        /// <summary>One npcd_event, in managed memory.</summary>
+        private sealed class PolledEvent
+        {
+            public string RequestId, Text, ErrorStatus, Json, ActionName, ActionArgsJson, Emotion;
+            public int Kind, FinishReason, ErrorCode;
+            public uint PromptTokens, CompletionTokens, RetryAfterMs;
+            public float QueuedMs, FirstTokenMs, TotalMs;
+
+            public static PolledEvent From(ref NativeMethods.NativeEvent e)
+            {
+                return new PolledEvent
+                {
+                    RequestId = NativeMethods.FromUtf8(e.RequestId),
+                    Text = NativeMethods.FromUtf8(e.Text),
+                    ErrorStatus = NativeMethods.FromUtf8(e.ErrorStatus),
+                    Json = NativeMethods.FromUtf8(e.Json),
+                    ActionName = NativeMethods.FromUtf8(e.ActionName),
+                    ActionArgsJson = NativeMethods.FromUtf8(e.ActionArgsJson),
+                    Emotion = NativeMethods.FromUtf8(e.Emotion),
+                    Kind = e.Kind,
+                    FinishReason = e.FinishReason,
+                    ErrorCode = e.ErrorCode,
+                    PromptTokens = e.PromptTokens,
+                    CompletionTokens = e.CompletionTokens,
+                    RetryAfterMs = e.RetryAfterMs,
+                    QueuedMs = e.QueuedMs,
+                    FirstTokenMs = e.FirstTokenMs,
+                    TotalMs = e.TotalMs,
+                };
+            }
+        }
+
+        private void Dispatch(PolledEvent e)
         {
             NpcdLine line;
-            if (!lines.TryGetValue(NativeMethods.FromUtf8(e.RequestId), out line)) return;
+            if (!lines.TryGetValue(e.RequestId, out line)) return;
             switch (e.Kind)
             {
                 case NativeMethods.EventStarted:
                     line.OnStarted();
                     break;
                 case NativeMethods.EventTextDelta:
-                    line.OnTextDelta(NativeMethods.FromUtf8(e.Text));
+                    line.OnTextDelta(e.Text);
                     break;
                 case NativeMethods.EventAction:
-                    line.OnAction(new NpcdAction(NativeMethods.FromUtf8(e.ActionName), NativeMethods.FromUtf8(e.ActionArgsJson)));
+                    line.OnAction(new NpcdAction(e.ActionName, e.ActionArgsJson));
                     break;
                 case NativeMethods.EventEmotion:
-                    line.OnEmotion(NativeMethods.FromUtf8(e.Emotion));
+                    line.OnEmotion(e.Emotion);
+                    break;
+                case NativeMethods.EventDuplicate:
+                    line.OnDuplicate(e.Text);  // not an end: the line goes on
                     break;
                 case NativeMethods.EventFinished:
                     lines.Remove(line.Id);
-                    string actionName = NativeMethods.FromUtf8(e.ActionName);
-                    string emotion = NativeMethods.FromUtf8(e.Emotion);
-                    line.OnEnded(new LineResult(line.Id, (FinishReason)e.FinishReason, NativeMethods.FromUtf8(e.Text),
+                    line.OnEnded(new LineResult(line.Id, (FinishReason)e.FinishReason, e.Text,
                         null, (int)e.PromptTokens, (int)e.CompletionTokens, e.QueuedMs, e.FirstTokenMs, e.TotalMs,
-                        NativeMethods.FromUtf8(e.Json),
-                        actionName.Length > 0 ? new NpcdAction(actionName, NativeMethods.FromUtf8(e.ActionArgsJson)) : null,
-                        emotion.Length > 0 ? emotion : null));
+                        e.Json,
+                        e.ActionName.Length > 0 ? new NpcdAction(e.ActionName, e.ActionArgsJson) : null,
+                        e.Emotion.Length > 0 ? e.Emotion : null));
                     break;
                 case NativeMethods.EventError:
                     lines.Remove(line.Id);
-                    var error = new NpcdError(e.ErrorCode, NativeMethods.FromUtf8(e.ErrorStatus), NativeMethods.FromUtf8(e.Text));
+                    var error = new NpcdError(e.ErrorCode, e.ErrorStatus, e.Text, e.RetryAfterMs);
                     line.OnEnded(new LineResult(line.Id, FinishReason.Unspecified, line.Text, error, 0, 0, 0, 0, 0));
                     break;
             }

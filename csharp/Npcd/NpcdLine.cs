@@ -32,6 +32,9 @@ namespace Npcd
         public event Action<NpcdLine, string> EmotionChanged;
         public event Action<NpcdLine, LineResult> Finished;
         public event Action<NpcdLine, NpcdError> Failed;
+        /// <summary>The daemon refused another request with this line's id (its message); this
+        /// line goes on. Rare: the client itself refuses ids in use.</summary>
+        public event Action<NpcdLine, string> DuplicateRefused;
 
         internal NpcdLine(NpcdClient client, string id, string persona)
         {
@@ -74,6 +77,12 @@ namespace Npcd
             Emotion = label;
             var handler = EmotionChanged;
             if (handler != null) handler(this, label);
+        }
+
+        internal void OnDuplicate(string message)
+        {
+            var handler = DuplicateRefused;
+            if (handler != null) handler(this, message);
         }
 
         internal void OnEnded(LineResult result)

@@ -3,7 +3,9 @@ namespace Npcd
     /// <summary>The numbers of npcd_connection_state.</summary>
     public enum ConnectionState
     {
+        /// <summary>It was connected and lost the connection; reconnecting. Lines requested now fail (code 14).</summary>
         Disconnected = 0,
+        /// <summary>Not connected yet since it was made. Lines requested now wait for the connection.</summary>
         Connecting = 1,
         Connected = 2,
     }
@@ -26,18 +28,23 @@ namespace Npcd
     }
 
     /// <summary>Why a line failed: a gRPC status code, its name and a message.
-    /// Code 14 (UNAVAILABLE): the daemon was unreachable or the connection dropped.</summary>
+    /// Code 14 (UNAVAILABLE): the daemon was unreachable or the connection dropped.
+    /// Code 8 (RESOURCE_EXHAUSTED): the daemon's queue is full; RetryAfterMs says when to try again.
+    /// Code 16 (UNAUTHENTICATED): the daemon refused the token (or its absence).</summary>
     public sealed class NpcdError
     {
         public readonly int Code;
         public readonly string Status;
         public readonly string Message;
+        /// <summary>Code 8 (RESOURCE_EXHAUSTED): the daemon's estimate of when to retry, in ms; 0 otherwise.</summary>
+        public readonly uint RetryAfterMs;
 
-        public NpcdError(int code, string status, string message)
+        public NpcdError(int code, string status, string message, uint retryAfterMs = 0)
         {
             Code = code;
             Status = status;
             Message = message;
+            RetryAfterMs = retryAfterMs;
         }
 
         public override string ToString()

@@ -4,6 +4,11 @@
 //   mono ClientTest.exe structured           needs NPCD_TEST_ADDR and a persona "merchant" that
 //                                            declares emotions and actions
 //   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
+//   mono ClientTest.exe busy                 needs NPCD_TEST_BUSY_ADDR (a daemon with max_queue 1)
+//   mono ClientTest.exe offline              needs no daemon: argument checks, id reuse after
+//                                            Cancel, Dispose inside a handler, the connect queue
+//   mono ClientTest.exe secure               needs NPCD_TEST_SECURE_ADDR (mutual TLS + a token), NPCD_TEST_TOKEN,
+//                                            NPCD_TEST_CA_PEM, NPCD_TEST_CLIENT_CERT, NPCD_TEST_CLIENT_KEY
 // All flows need NPCD_TEST_PERSONAS. Exits 0 on success, 1 on failure, 77 when the
 // environment is missing.
 using System;
@@ -277,11 +282,22 @@ internal static class Test
     {
         Env("NPCD_TEST_DAEMON_CMD");
         string address = Env("NPCD_TEST_RESTART_ADDR");
-        Process daemon = StartDaemon();
+        Process daemon = null;
         try
         {
-            using (var client = Connect(address, 180))
+            // The client comes first: a line requested while Connecting waits for the connection.
+            using (var client = new NpcdClient(new NpcdClientOptions(address)
+                   { InitialBackoffMs = 100, MaxBackoffMs = 1000, ConnectQueueTimeoutMs = 240000 }))
             {
+                Check(client.State == ConnectionState.Connecting, "a new client is not Connecting: " + client.State);
+                var early = Say(client, Request(personas[0], "Are you open yet?", 8));
+                client.Poll();
+                Thread.Sleep(300);
+                Check(client.Poll() == 0 && !early.Line.IsDone, "a line queued while Connecting ended before any daemon ran");
+                daemon = StartDaemon();
+                PumpUntil(client, () => early.Line.IsDone, 240, "the line queued while Connecting");
+                early.ExpectComplete();
+
                 var before = Say(client, Request(personas[0], "Hello!", 8));
                 PumpUntil(client, () => before.Line.IsDone, 120, "the line before the restart");
                 before.ExpectComplete();
@@ -295,6 +311,7 @@ internal static class Test
                       "want error 14 (UNAVAILABLE) for the cut line, got " + cut.Line.Result.Error);
 
                 PumpUntil(client, () => client.State != ConnectionState.Connected, 10, "the client to notice the daemon is gone");
+                Check(client.State == ConnectionState.Disconnected, "after losing the daemon: want Disconnected, got " + client.State);
                 var offline = Say(client, Request(personas[0], "Anyone there?", 8));
                 PumpUntil(client, () => offline.Line.IsDone, 10, "the error of a line requested while offline");
                 Check(offline.Line.Result.Failed && offline.Line.Result.Error.Code == 14,
@@ -314,11 +331,183 @@ internal static class Test
         }
     }
 
+    private static void Busy()
+    {
+        using (var client = Connect(Env("NPCD_TEST_BUSY_ADDR"), 60))
+        {
+            var all = new List<Recorder>();
+            for (int i = 0; i < 3; i++) all.Add(Say(client, Request(personas[0], "Quick, a word!", 8)));
+            PumpUntil(client, () => client.ActiveLines == 0, 120, "the busy lines to end");
+            int finished = 0, refused = 0;
+            uint retry = 0;
+            foreach (var rec in all)
+            {
+                var r = rec.Line.Result;
+                if (!r.Failed) { rec.ExpectComplete(); finished++; continue; }
+                Check(r.Error.Code == 8 && r.Error.Status == "RESOURCE_EXHAUSTED", "want error 8, got " + r.Error);
+                Check(r.Error.RetryAfterMs >= 50 && r.Error.RetryAfterMs <= 30000, "RetryAfterMs " + r.Error.RetryAfterMs + " not in 50..30000");
+                retry = r.Error.RetryAfterMs;
+                refused++;
+            }
+            Check(finished >= 1 && refused >= 1, "want finished and refused lines, got " + finished + " and " + refused);
+            Console.WriteLine("busy: " + finished + " finished, " + refused + " refused (retry after " + retry + " ms)");
+        }
+    }
+
+    private static ArgumentException Refused(Action action, string what)
+    {
+        try { action(); }
+        catch (ArgumentException e) { return e; }
+        throw new TestFailure(what + " was accepted");
+    }
+
+    private const string ClosedPort = "127.0.0.1:1";  // nothing listens: the client stays Connecting
+
+    private static void Offline()
+    {
+        // addresses and options, refused at once
+        foreach (var bad in new[] { "no-port", "host:notaport", "host:0", "[::1]" })
+        {
+            var e = Refused(() => new NpcdClient(bad), "address '" + bad + "'");
+            Check(e.ParamName == "address" && e.Message.Contains(bad), "address '" + bad + "': " + e.Message);
+        }
+        Refused(() => new NpcdClient(new NpcdClientOptions(ClosedPort) { Token = "two words" }), "a token with a space");
+        Refused(() => new NpcdClient(new NpcdClientOptions(ClosedPort) { RootCertsPem = "x" }), "root certificates without Tls");
+        Refused(() => new NpcdClient(new NpcdClientOptions(ClosedPort) { Tls = true, ClientCertPem = "x" }), "a client certificate without its key");
+        var nul = Refused(() => new NpcdClient(new NpcdClientOptions(ClosedPort) { Token = "ab\0cd" }), "a token with a NUL");
+        Check(nul.ParamName == "Token", "a NUL in the token: ParamName " + nul.ParamName);
+        new NpcdClient(new NpcdClientOptions(ClosedPort) { Token = "s3cr3t-T0ken" }).Dispose();
+        new NpcdClient(new NpcdClientOptions(ClosedPort) { Tls = true, TlsServerName = "localhost" }).Dispose();
+
+        using (var client = new NpcdClient(new NpcdClientOptions(ClosedPort) { ConnectQueueMax = 2, ConnectQueueTimeoutMs = 400 }))
+        {
+            Check(client.State == ConnectionState.Connecting, "want Connecting, got " + client.State);
+
+            // embedded NULs and lone surrogates: refused naming the field, before anything is queued
+            var cases = new List<KeyValuePair<string, Action<LineRequest>>>
+            {
+                new KeyValuePair<string, Action<LineRequest>>("Line", r => r.Line = "a\0b"),
+                new KeyValuePair<string, Action<LineRequest>>("Persona", r => r.Persona = "merch\0ant"),
+                new KeyValuePair<string, Action<LineRequest>>("Speaker", r => r.Speaker = "Pl\uD800ayer"),
+                new KeyValuePair<string, Action<LineRequest>>("NpcId", r => r.NpcId = "npc\uDC00"),
+                new KeyValuePair<string, Action<LineRequest>>("RequestId", r => r.RequestId = "id\0"),
+                new KeyValuePair<string, Action<LineRequest>>("History[0].Text", r => r.History.Add(new Turn("Player", "hi\uD83D"))),
+                new KeyValuePair<string, Action<LineRequest>>("Context[mood]", r => r.Context["mood"] = "\uDE00calm"),
+                new KeyValuePair<string, Action<LineRequest>>("Stop[0]", r => r.Stop.Add("\0")),
+                new KeyValuePair<string, Action<LineRequest>>("Actions[0].Description", r => r.Actions.Add(new ActionSpec("wave", "\uD800"))),
+                new KeyValuePair<string, Action<LineRequest>>("ResponseFormat", r => r.ResponseFormat = "{\"a\":\"\0\"}"),
+            };
+            foreach (var c in cases)
+            {
+                var request = Request(personas[0], "Hello", 8);
+                c.Value(request);
+                var e = Refused(() => client.Say(request), c.Key);
+                Check(e.ParamName == c.Key, c.Key + ": ParamName is " + e.ParamName + " (" + e.Message + ")");
+            }
+            var paired = Say(client, Request(personas[0], "A smile: \uD83D\uDE00, caf\u00E9", 8));  // a proper pair is fine
+            Check(client.ActiveLines == 1, "refused requests left lines behind: " + client.ActiveLines);
+
+            // a request id reused right after Cancel, in the same frame: refused before it goes out
+            var first = Request(personas[0], "first", 8);
+            first.RequestId = "reuse-1";
+            var firstRec = Say(client, first);
+            Check(firstRec.Line.Cancel(), "cancel of a pending line");
+            var again = Request(personas[0], "again", 8);
+            again.RequestId = "reuse-1";
+            var reuse = Refused(() => client.Say(again), "an id reused before its cancelled line ended");
+            Check(reuse.ParamName == "RequestId", "reuse: ParamName " + reuse.ParamName);
+            client.Poll();
+            Check(firstRec.Line.IsDone && firstRec.Line.Result.Reason == FinishReason.Cancelled, "the cancelled line did not end Cancelled");
+            Check(!client.Cancel("reuse-1"), "the refused request went out anyway (the native side knows reuse-1)");
+            var second = Say(client, again);  // now the id is free
+            Check(client.ActiveLines == 2, "want 2 active lines, got " + client.ActiveLines);
+
+            // the connect queue: over ConnectQueueMax fails at once with 8; the rest time out with 14
+            var over = Say(client, Request(personas[0], "over", 8));
+            PumpUntil(client, () => over.Line.IsDone, 5, "the line over ConnectQueueMax");
+            Check(over.Line.Result.Failed && over.Line.Result.Error.Code == 8, "over ConnectQueueMax: " + over.Line.Result.Error);
+            PumpUntil(client, () => paired.Line.IsDone && second.Line.IsDone, 5, "the queue timeout");
+            Check(paired.Line.Result.Failed && paired.Line.Result.Error.Code == 14
+                  && paired.Line.Result.Error.Message.Contains("connect_queue_timeout_ms"), "queue timeout: " + paired.Line.Result.Error);
+        }
+
+        // Dispose inside a Finished handler, with more events of the same batch still to come
+        var owner = new NpcdClient(ClosedPort);
+        var recs = new List<Recorder>();
+        for (int i = 0; i < 5; i++) recs.Add(Say(owner, Request(personas[0], "line " + i, 8)));
+        int finishedSeen = 0;
+        recs[0].Line.Finished += (l, r) => { finishedSeen++; owner.Dispose(); };
+        foreach (var rec in recs) Check(rec.Line.Cancel(), "cancel");
+        owner.Poll();
+        Check(finishedSeen == 1, "the disposing handler ran " + finishedSeen + " times");
+        Check(recs[0].Line.Result.Reason == FinishReason.Cancelled && !recs[0].Line.Result.Failed, "the first line: " + recs[0].Line.Result.Reason);
+        for (int i = 1; i < recs.Count; i++)
+            Check(recs[i].Line.IsDone && recs[i].Line.Result.Failed && recs[i].Line.Result.Error.Code == 1,
+                  "line " + i + " after Dispose: " + (recs[i].Line.Result == null ? "not ended" : recs[i].Line.Result.Error + ""));
+        Check(Refused2<ObjectDisposedException>(() => owner.Poll()), "Poll after Dispose did not throw ObjectDisposedException");
+        owner.Dispose();  // twice: nothing
+        Console.WriteLine("offline: argument checks, id reuse after Cancel, Dispose inside Finished, connect queue");
+    }
+
+    /// <summary>One line, requested while Connecting so that it is the first Tick of the first stream.</summary>
+    private static LineResult SecureLine(NpcdClientOptions options, double timeoutS, string what)
+    {
+        using (var client = new NpcdClient(options))
+        {
+            var rec = Say(client, Request(personas[0], "Who goes there?", 8));
+            PumpUntil(client, () => rec.Line.IsDone, timeoutS, what);
+            if (!rec.Line.Result.Failed) rec.ExpectComplete();
+            return rec.Line.Result;
+        }
+    }
+
+    private static void Secure()
+    {
+        string address = Env("NPCD_TEST_SECURE_ADDR");
+        string token = Env("NPCD_TEST_TOKEN");
+        Func<NpcdClientOptions> options = () => new NpcdClientOptions(address)
+        {
+            InitialBackoffMs = 100, MaxBackoffMs = 1000, ConnectQueueTimeoutMs = 60000, Token = token, Tls = true,
+            RootCertsPem = System.IO.File.ReadAllText(Env("NPCD_TEST_CA_PEM")),
+            ClientCertPem = System.IO.File.ReadAllText(Env("NPCD_TEST_CLIENT_CERT")),
+            ClientKeyPem = System.IO.File.ReadAllText(Env("NPCD_TEST_CLIENT_KEY")),
+            TlsServerName = "localhost",
+        };
+        var ok = SecureLine(options(), 120, "a line with TLS, a client certificate and the token");
+        Check(!ok.Failed, "mutual TLS + token failed: " + ok.Error);
+
+        var o = options();
+        o.Token = null;
+        var none = SecureLine(o, 60, "a line without the token");
+        Check(none.Failed && none.Error.Code == 16 && none.Error.Status == "UNAUTHENTICATED" && none.Error.Message.Contains("missing"),
+              "no token: want error 16 saying missing, got " + none.Error);
+        o = options();
+        o.Token = "not-the-token";
+        var wrong = SecureLine(o, 60, "a line with a wrong token");
+        Check(wrong.Failed && wrong.Error.Code == 16 && wrong.Error.Message.Contains("wrong"), "wrong token: want error 16, got " + wrong.Error);
+
+        o = options();
+        o.ClientCertPem = null;
+        o.ClientKeyPem = null;
+        o.ConnectQueueTimeoutMs = 1500;
+        var nocert = SecureLine(o, 30, "a line without a client certificate");
+        Check(nocert.Failed && nocert.Error.Code == 14 && nocert.Error.Message.Contains("connect_queue_timeout_ms"),
+              "no client certificate: want error 14 after the connect timeout, got " + nocert.Error);
+        Console.WriteLine("secure: mutual TLS + token '" + ok.Text + "'; no token: " + none.Error + "; no certificate: " + nocert.Error);
+    }
+
+    private static bool Refused2<T>(Action action) where T : Exception
+    {
+        try { action(); }
+        catch (T) { return true; }
+        return false;
+    }
+
     public static int Main(string[] args)
     {
         if (args.Length != 1)
         {
-            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart");
+            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart|busy|offline|secure");
             return 2;
         }
         personas = Env("NPCD_TEST_PERSONAS").Split(',');
@@ -331,6 +520,9 @@ internal static class Test
                 case "cancel": Cancel(); break;
                 case "structured": Structured(); break;
                 case "restart": Restart(); break;
+                case "busy": Busy(); break;
+                case "offline": Offline(); break;
+                case "secure": Secure(); break;
                 default:
                     Console.Error.WriteLine("unknown flow " + args[0]);
                     return 2;

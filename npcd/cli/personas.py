@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "check":
         return check(args.directory or daemon_config.load().personas)
-    return list_personas(args.address or daemon_config.load().listen)
+    config = daemon_config.load()
+    return list_personas(args.address or config.listen, config)
 
 
 def check(directory: Path) -> int:
@@ -36,15 +37,18 @@ def check(directory: Path) -> int:
     return 1 if errors else 0
 
 
-def list_personas(address: str) -> int:
+def list_personas(address: str, config: daemon_config.DaemonConfig) -> int:
     import grpc
 
     from npcd.service._proto import npcd_pb2 as pb
     from npcd.service._proto import npcd_pb2_grpc
+    from npcd.service.connect import open_channel
 
-    with grpc.insecure_channel(address) as channel:
+    channel, metadata = open_channel(address, config)
+    with channel:
         try:
-            reply = npcd_pb2_grpc.NpcdStub(channel).ListPersonas(pb.ListPersonasRequest(), timeout=10)
+            reply = npcd_pb2_grpc.NpcdStub(channel).ListPersonas(pb.ListPersonasRequest(), timeout=10,
+                                                                  metadata=metadata)
         except grpc.RpcError as exc:
             print(f"npcd personas: cannot list personas at {address}: {exc.code().name}: {exc.details()}",
                   file=sys.stderr)

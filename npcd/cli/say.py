@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     config = daemon_config.load()
     if not args.local:
-        return say(args.address or config.listen, request, args.timeout_s)
+        return say(args.address or config.listen, request, args.timeout_s, config)
     from npcd.service import logs
     from npcd.service.daemon import DaemonThread
 
@@ -62,18 +62,21 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("personas", "engine") if getattr(args, k) is not None}
     local = dataclasses.replace(config, listen="127.0.0.1:0", metrics="0", grace_s=1.0, **overrides)
     with DaemonThread(local) as daemon:
-        return say(daemon.address, request, args.timeout_s)
+        return say(daemon.address, request, args.timeout_s, local)
 
 
-def say(address: str, request, timeout_s: float) -> int:
+def say(address: str, request, timeout_s: float, config: daemon_config.DaemonConfig) -> int:
     """Streams the reply to stdout and a summary to stderr; 0 when the NPC finished its line."""
     import grpc
 
     from npcd.service._proto import npcd_pb2 as pb
     from npcd.service._proto import npcd_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
-        stream = npcd_pb2_grpc.NpcdStub(channel).Say(request, timeout=timeout_s)
+    from npcd.service.connect import open_channel
+
+    channel, metadata = open_channel(address, config)
+    with channel:
+        stream = npcd_pb2_grpc.NpcdStub(channel).Say(request, timeout=timeout_s, metadata=metadata)
         try:
             for event in stream:
                 kind = event.WhichOneof("kind")

@@ -165,7 +165,14 @@ class BackendError(Exception):
 
 
 class QueueFull(BackendError):
-    """The bounded admission queue is full (maps to RESOURCE_EXHAUSTED)."""
+    """The bounded admission queue is full (maps to RESOURCE_EXHAUSTED).
+
+    `retry_after_ms`: the engine's estimate of when a place frees (the running line closest to its end, at
+    the recent step time), so clients back off by what the engine sees rather than by a guess."""
+
+    def __init__(self, message: str, retry_after_ms: int = 0):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class UnknownAdapter(BackendError):

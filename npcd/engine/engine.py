@@ -56,6 +56,9 @@ from npcd.engine.sequence import Sequence, Sink
 from npcd.engine.weights import resolve_base
 
 
+RETRY_MIN_MS, RETRY_MAX_MS = 50, 30_000  # a retry hint is never "now" nor "give up"
+
+
 class Engine:
     """Loads the base once; serves requests with per-row adapters in shared batches."""
 
@@ -99,6 +102,7 @@ class Engine:
         self._versions = itertools.count(1)
         self.steps = 0
         self.last_batch_size = 0
+        self.last_step_s = 0.0
 
     @property
     def running(self) -> list[Sequence]:
@@ -129,6 +133,13 @@ class Engine:
             if problem:
                 raise InvalidRequest(f"request {req.request_id!r}: stop[{i}] {problem}")
 
+    def retry_after_ms(self) -> int:
+        """About when a queue place frees: the running line closest to its budget's end finishes (at the last
+        step's time per token); bounded to [RETRY_MIN_MS, RETRY_MAX_MS]. Read from another thread: an estimate."""
+        left = [seq.token_budget - len(seq.generated) for seq in list(self.running)]
+        ms = min(left, default=1) * self.last_step_s * 1000
+        return int(min(max(ms, RETRY_MIN_MS), RETRY_MAX_MS))
+
     def submit(self, req: GenerationRequest, sink: Sink) -> None:
         """Thread-safe: validates now, queues at the next step boundary."""
         error = self.submit_many([(req, sink)])[0]
@@ -153,8 +164,9 @@ class Engine:
                         if version is None:
                             raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
                     if len(self.scheduler.waiting) + self._pending >= self.config.max_queue:
+                        retry = self.retry_after_ms()
                         raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); "
-                                        f"try again shortly")
+                                        f"try again in about {retry} ms", retry)
                     self._pending += 1
             except BackendError as exc:
                 errors.append(exc)
@@ -260,6 +272,7 @@ class Engine:
         if plan is None:
             self.last_batch_size = 0  # idle: the gauge says so, not what the last busy step held
             return False
+        started = time.perf_counter()
         logits = self.runner.run(plan)
         sampled, rows = plan.sampled, plan.rows
         if len(sampled) < len(rows):  # rows still prefilling their prompt get no token yet
@@ -267,6 +280,7 @@ class Engine:
         for seq, reason in self.postprocessor.process([rows[i] for i in sampled], logits):
             self._finish(seq, reason)
         self.last_batch_size = len(plan.rows)
+        self.last_step_s = time.perf_counter() - started
         self.steps += 1
         return True
 

@@ -1,8 +1,11 @@
 """Per-request sampling over a batch of logits.
 
 Each request owns a torch.Generator seeded from its seed and draws exactly
-one number per generated token, so a seeded request produces the same text
-whatever else shares its batch. Greedy rows take one batched argmax; the
+one number per generated token, so its draws never depend on its batch
+companions. Its text is then the same alone and batched exactly when its
+logits are: in the modes whose operators compute each row on its own (fp32,
+int8, int4; `describe()["batch_invariant"]`, pinned by tests/engine/test_quant.py),
+not in bf16, where GEMMs of different batch sizes round differently. Greedy rows take one batched argmax; the
 processing order (repetition penalty, temperature, top-k, top-p) follows
 transformers' generate, so results are comparable.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,15 @@ class DaemonConfig:
     log_json: bool = False
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    # Exposure. On loopback none of this is needed; any other address needs TLS and a token, or insecure_lan.
+    tls_cert: Path | None = None     # PEM server certificate (chain); with tls_key the port speaks TLS only
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    token: str = ""                  # bearer token every call must carry (metadata authorization: Bearer ...)
+    insecure_lan: bool = False       # allow a non-loopback address without TLS and a token (logged as a warning)
+    reflection: bool = True          # gRPC server reflection (grpcurl, Postman); off hides the API's shape
+    admin: bool = True               # ReloadPersonas; off: only the file watcher reloads
+    reload_min_interval_s: float = 1.0  # ReloadPersonas more often than this is RESOURCE_EXHAUSTED
 
     @property
     def metrics_enabled(self) -> bool:
@@ -73,12 +83,33 @@ class DaemonConfig:
         need(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600, got {self.grace_s:g}")
         need(self.log_level in ("debug", "info", "warning", "error"),
              f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together; got only one")
+        need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            need(path is None or path.is_file(), f"{name}: {path} is not a file")
+        need(0 <= self.reload_min_interval_s <= 3600,
+             f"reload_min_interval_s must be in 0..3600, got {self.reload_min_interval_s:g}")
+        host = self.listen.rpartition(":")[0]
+        need(is_loopback(host) or self.insecure_lan or (self.tls_cert is not None and bool(self.token)),
+             f"listen {self.listen} is not a loopback address: serving beyond this machine needs TLS (tls_cert, "
+             f"tls_key) and a token, or insecure_lan: true to accept that anyone on the network can use it")
         for name, value in dataclasses.asdict(self.limits).items():
             need(value >= 1, f"limits.{name} must be >= 1, got {value}")
         # these caps narrow the sampling table (npcd.engine.api); a higher value would silently do nothing
         for name, bound in (("max_tokens", SAMPLING_BOUNDS["max_tokens"]), ("max_stop_strings", STOP_STRINGS)):
             value = getattr(self.limits, name)
             need(value <= bound.high, f"limits.{name} must be <= {bound.high:g} (the engine's bound), got {value}")
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_host_port(value: str) -> bool:
@@ -132,6 +163,14 @@ _SCALARS: dict[str, _Conv] = {
     "grace_s": (_to_float, "a number"),
     "log_json": (_to_bool, "true or false"),
     "log_level": (_to_str, "a string"),
+    "tls_cert": (_to_path, "a path"),
+    "tls_key": (_to_path, "a path"),
+    "tls_client_ca": (_to_path, "a path"),
+    "token": (_to_str, "a string"),
+    "insecure_lan": (_to_bool, "true or false"),
+    "reflection": (_to_bool, "true or false"),
+    "admin": (_to_bool, "true or false"),
+    "reload_min_interval_s": (_to_float, "a number"),
 }
 _LIMITS = [f.name for f in dataclasses.fields(Limits)]
 
@@ -187,6 +226,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-json", dest="log_json", action="store_const", const=True,
                         help="log JSON lines instead of console text")
     parser.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+    parser.add_argument("--tls-cert", dest="tls_cert", help="PEM server certificate: serve TLS only")
+    parser.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", dest="tls_client_ca", help="PEM CA that client certificates must chain to")
+    parser.add_argument("--insecure-lan", dest="insecure_lan", action="store_const", const=True,
+                        help="allow a non-loopback --listen without TLS and a token (anyone on the network can use it)")
+    parser.add_argument("--no-reflection", dest="reflection", action="store_const", const=False,
+                        help="switch gRPC server reflection off")
+    parser.add_argument("--no-admin", dest="admin", action="store_const", const=False,
+                        help="switch ReloadPersonas off (the file watcher still reloads)")
     for name in _LIMITS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N", help=f"limits.{name}")
 

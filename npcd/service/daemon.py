@@ -14,7 +14,7 @@ from typing import Any
 
 from npcd.engine.config import EngineConfig
 from npcd.service import logs
-from npcd.service.config import DaemonConfig
+from npcd.service.config import DaemonConfig, is_loopback
 from npcd.service.metrics import Metrics, MetricsServer
 from npcd.service.registry import PersonaRegistry
 
@@ -43,6 +43,7 @@ class Daemon:
         from npcd.service.servicer import NpcdServicer, start_server
 
         config = self.config
+        config.validate("daemon config")
         if not config.personas.is_dir():
             raise FileNotFoundError(f"personas directory {config.personas} does not exist")
         engine_config = self.engine_config or EngineConfig.from_yaml(config.engine)
@@ -53,8 +54,13 @@ class Daemon:
         self.registry.start_watching()
         metrics = Metrics(self.backend.stats, self.backend.describe())
         self._servicer = NpcdServicer(self.backend, self.registry, config.limits, metrics,
-                                      tick_window_s=config.tick_window_ms / 1000.0, log=self.log)
-        self._server, port, self._health = await start_server(self._servicer, config.listen)
+                                      tick_window_s=config.tick_window_ms / 1000.0, log=self.log,
+                                      admin=config.admin, reload_interval_s=config.reload_min_interval_s)
+        self._server, port, self._health = await start_server(self._servicer, config)
+        if config.insecure_lan and not is_loopback(config.listen.rpartition(":")[0]):
+            self.log.warning("serving beyond loopback without the protection insecure_lan waives: anyone who can "
+                             "reach the port can use it", listen=config.listen, tls=config.tls_cert is not None,
+                             token=bool(config.token))
         self.address = f"{config.listen.rpartition(':')[0]}:{port}"
         if config.metrics_enabled:
             self._metrics_server = MetricsServer(metrics, config.metrics)
@@ -63,6 +69,8 @@ class Daemon:
         self._health_task = asyncio.create_task(self._follow_engine_health())
         states = self.registry.states()
         self.log.info("listening", address=self.address, metrics=self.metrics_address or "off",
+                      tls=config.tls_cert is not None, mutual_tls=config.tls_client_ca is not None,
+                      token=bool(config.token), reflection=config.reflection, admin=config.admin,
                       personas=str(config.personas), personas_ready=sum(s.persona is not None for s in states),
                       personas_failed=sum(s.persona is None for s in states), **self.backend.describe())
 

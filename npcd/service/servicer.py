@@ -45,7 +45,8 @@ from npcd.service import logs
 from npcd.service._proto import npcd_pb2 as pb
 from npcd.service._proto import npcd_pb2_grpc
 from npcd.service.admitter import Admitter
-from npcd.service.config import Limits
+from npcd.service.auth import TokenInterceptor, server_credentials
+from npcd.service.config import DaemonConfig, Limits
 from npcd.service.conversion import (
     BACKEND_CODES,
     FINISH_REASONS,
@@ -57,6 +58,7 @@ from npcd.service.conversion import (
 from npcd.service.metrics import Metrics
 from npcd.service.registry import PersonaRegistry, PersonaState, PersonaUnavailable
 from npcd.service.structured import structured_output
+from npcd.service.wire import Undecodable, add_service
 from npcd.service.validation import (
     DEFAULT_SPEAKER,
     RequestError,
@@ -81,7 +83,7 @@ class _Job:
 
 class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     def __init__(self, backend: Backend, registry: PersonaRegistry, limits: Limits, metrics: Metrics,
-                 tick_window_s: float, log: Any = None):
+                 tick_window_s: float, log: Any = None, *, admin: bool = True, reload_interval_s: float = 0.0):
         self._backend = backend
         self._registry = registry
         self._limits = limits
@@ -95,6 +97,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         self._pumps: set[asyncio.Task] = set()
         self._accepting = True
         self._closing = False
+        self._admin, self._reload_interval_s = admin, reload_interval_s
+        self._last_reload = -math.inf
 
     # --- admission ---------------------------------------------------------
 
@@ -152,7 +156,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 if isinstance(result, UnknownAdapter):  # its file went away between lookup and submit
                     result = RequestError(code, f"persona {job.persona!r} is no longer loaded: {result}")
                 else:
-                    result = RequestError(code, str(result))
+                    result = RequestError(code, str(result), getattr(result, "retry_after_ms", 0))
             else:
                 self._running.add(job.request.request_id)
             out.append(result)
@@ -243,6 +247,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             if isinstance(result, RequestError):
                 raise result
         except RequestError as exc:
+            context.set_trailing_metadata(exc.trailers())
             await context.abort(exc.code, self._rejected(exc, request).message)
             return
         except Exception as exc:  # a bug in one request must not look like a transport error
@@ -284,7 +289,13 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                     if not req.request_id:
                         raise invalid("request_id", "required in a Session (events are tagged with it)")
                     if req.request_id in live or any(j.client_id == req.request_id for j in jobs):
-                        raise invalid("request_id", f"{req.request_id!r} is already running in this session")
+                        # not an Error: a client that treats Error as the end of that id would lose the line
+                        refused = self._rejected(RequestError(grpc.StatusCode.ALREADY_EXISTS, (
+                            f"request_id: {req.request_id!r} is already running in this session; this request "
+                            f"was refused and that line goes on")), req)
+                        out.put_nowait(pb.Event(request_id=req.request_id,
+                                                duplicate=pb.Duplicate(message=refused.message)))
+                        continue
                     jobs.append(self._prepare(req, prefix + req.request_id, None))
                 except RequestError as exc:
                     out.put_nowait(self._rejected(exc, req).event(req.request_id))
@@ -306,6 +317,11 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             nonlocal reader_done
             try:
                 async for tick in request_iterator:
+                    if isinstance(tick, Undecodable):  # one bad frame is refused; the session goes on
+                        self._metrics.request_rejected(grpc.StatusCode.INVALID_ARGUMENT.name)
+                        self._log.info("tick refused", error=tick.message)
+                        out.put_nowait(RequestError(grpc.StatusCode.INVALID_ARGUMENT, tick.message).event(""))
+                        continue
                     await on_tick(tick)
             finally:
                 reader_done = True
@@ -373,6 +389,18 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     async def ReloadPersonas(self, request: pb.ReloadPersonasRequest,
                              context: grpc.aio.ServicerContext) -> pb.ReloadPersonasResponse:
+        if not self._admin:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "ReloadPersonas is switched off on this daemon (admin: false); the personas "
+                                "directory is still watched")
+        wait = self._last_reload + self._reload_interval_s - time.monotonic()
+        if wait > 0:  # a reload re-reads every file: callers looping on it slowed player lines 4-8x
+            retry = int(wait * 1000) + 1
+            context.set_trailing_metadata((("retry-after-ms", str(retry)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"ReloadPersonas at most once per {self._reload_interval_s:g} s; "
+                                f"try again in {retry} ms")
+        self._last_reload = time.monotonic()
         errors = await asyncio.to_thread(self._registry.reload)
         return pb.ReloadPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()],
                                          errors=[self._unrooted(e) for e in errors])
@@ -399,14 +427,19 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             wake()
 
 
-async def start_server(servicer: NpcdServicer, listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A started grpc.aio server with the service, health checking and reflection; returns the bound port."""
-    server = grpc.aio.server()
-    npcd_pb2_grpc.add_NpcdServicer_to_server(servicer, server)
+async def start_server(servicer: NpcdServicer,
+                       config: DaemonConfig) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A started grpc.aio server with the service, health checking and (unless switched off) reflection, on
+    TLS and behind the token when the config says so; returns the bound port."""
+    server = grpc.aio.server(interceptors=[TokenInterceptor(config.token)] if config.token else None)
+    add_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(listen)
+    if config.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = server_credentials(config)
+    listen = config.listen
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

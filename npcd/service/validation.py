@@ -18,13 +18,18 @@ DEFAULT_SPEAKER = "Player"  # who says a line when the request names nobody
 class RequestError(Exception):
     """A request refused before it reached the engine; becomes a status (Say) or an Error event (Session)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int = 0):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.retry_after_ms = code, message, retry_after_ms
 
     def event(self, request_id: str) -> pb.Event:
-        return pb.Event(request_id=request_id,
-                        error=pb.Error(code=self.code.value[0], status=self.code.name, message=self.message))
+        return pb.Event(request_id=request_id, error=pb.Error(code=self.code.value[0], status=self.code.name,
+                                                              message=self.message,
+                                                              retry_after_ms=self.retry_after_ms))
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Say's trailing metadata: the retry hint, when there is one."""
+        return (("retry-after-ms", str(self.retry_after_ms)),) if self.retry_after_ms else ()
 
 
 def invalid(field: str, problem: str) -> RequestError:

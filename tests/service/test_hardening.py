@@ -118,3 +118,40 @@ def test_the_batch_size_gauge_reads_zero_once_idle(tiny_config):
     engine.generate([GenerationRequest(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3)) for i in range(3)])
     assert engine.stats().last_batch_size == 3
     assert engine.step() is False and engine.stats().last_batch_size == 0
+
+
+def raw(channel: grpc.Channel, method: str, kind: str):
+    """A call of npcd.v1.Npcd/`method` that sends bytes as they are: what a broken or hostile client writes."""
+    make = getattr(channel, kind)
+    return make(f"/npcd.v1.Npcd/{method}", request_serializer=lambda b: b,
+                response_deserializer=pb.Event.FromString if method in ("Say", "Session") else None)
+
+
+# persona = "\xff\xfe": a string field (2) holding bytes that are not UTF-8
+BAD_UTF8 = bytes([0x12, 0x02, 0xFF, 0xFE]) + pb.SayRequest(line="Hi.").SerializeToString()
+TRUNCATED = pb.SayRequest(persona="elf", line="Hello there").SerializeToString()[:-3]
+
+
+@pytest.mark.parametrize("payload, problem", [(BAD_UTF8, "SayRequest"), (TRUNCATED, "SayRequest")])
+def test_undecodable_requests_are_invalid_argument(served, payload, problem):
+    daemon, _, _ = served
+    with grpc.insecure_channel(daemon.address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(raw(channel, "Say", "unary_stream")(payload, timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(f"the request could not be decoded as npcd.v1.{problem}: ")
+        with pytest.raises(grpc.RpcError) as info:
+            raw(channel, "GetPersona", "unary_unary")(b"\x0a\x05\xff\xff\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "npcd.v1.GetPersonaRequest" in \
+            info.value.details()
+
+
+def test_a_session_survives_undecodable_ticks(served):
+    daemon, _, _ = served
+    good = pb.Tick(requests=[pb.SayRequest(request_id="after", persona="elf", line="Hi.")]).SerializeToString()
+    bad_tick = bytes([0x12, len(BAD_UTF8)]) + BAD_UTF8  # a Tick whose one request holds invalid UTF-8
+    with grpc.insecure_channel(daemon.address) as channel:
+        events = list(raw(channel, "Session", "stream_stream")(iter([b"\xff\xff\xff", bad_tick, good]), timeout=30))
+    errors = [e.error for e in events if e.HasField("error")]
+    assert len(errors) == 2 and all(e.status == "INVALID_ARGUMENT" and "npcd.v1.Tick" in e.message for e in errors)
+    assert events[-1].request_id == "after" and events[-1].HasField("finished")

@@ -23,7 +23,7 @@ def start_daemon(tmp_path, tiny_model_dir, *extra: str) -> tuple[subprocess.Pope
     engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 8\n"
                       "max_seq_len: 1024\nthreads: 2\n")
     # No npcd.yaml in tmp_path: everything comes from the flags.
-    return spawn_daemon(personas, engine, tmp_path, *extra, timeout_s=120)
+    return spawn_daemon(personas, engine, tmp_path, *extra)
 
 
 def test_sigterm_finishes_in_flight_streams_and_exits_zero(tmp_path, tiny_model_dir):

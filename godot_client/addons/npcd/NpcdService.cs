@@ -18,10 +18,19 @@ namespace NpcdGodot
         {
             ProcessPriority = -100;
             NativeLibrary.SetDllImportResolver(typeof(NpcdClient).Assembly, Resolve);
-            Client = new NpcdClient(
-                (string)ProjectSettings.GetSetting(NpcdSettings.Address, "127.0.0.1:50051"),
-                (uint)(int)ProjectSettings.GetSetting(NpcdSettings.InitialBackoffMs, 250),
-                (uint)(int)ProjectSettings.GetSetting(NpcdSettings.MaxBackoffMs, 5000));
+            string token = (string)ProjectSettings.GetSetting(NpcdSettings.Token, "");
+            if (string.IsNullOrEmpty(token)) token = System.Environment.GetEnvironmentVariable("NPCD_TOKEN");
+            string rootsPath = (string)ProjectSettings.GetSetting(NpcdSettings.RootCertsPemPath, "");
+            string serverName = (string)ProjectSettings.GetSetting(NpcdSettings.TlsServerName, "");
+            Client = new NpcdClient(new NpcdClientOptions((string)ProjectSettings.GetSetting(NpcdSettings.Address, "127.0.0.1:50051"))
+            {
+                InitialBackoffMs = (uint)(int)ProjectSettings.GetSetting(NpcdSettings.InitialBackoffMs, 250),
+                MaxBackoffMs = (uint)(int)ProjectSettings.GetSetting(NpcdSettings.MaxBackoffMs, 5000),
+                Token = string.IsNullOrEmpty(token) ? null : token,
+                Tls = (bool)ProjectSettings.GetSetting(NpcdSettings.UseTls, false),
+                RootCertsPem = string.IsNullOrEmpty(rootsPath) ? null : File.ReadAllText(ProjectSettings.GlobalizePath(rootsPath)),
+                TlsServerName = string.IsNullOrEmpty(serverName) ? null : serverName,
+            });
         }
 
         public override void _Process(double delta)

@@ -133,7 +133,7 @@ class Tick(_message.Message):
     def __init__(self, tick: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[SayRequest, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[Cancel, _Mapping]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("request_id", "started", "delta", "finished", "error", "action", "emotion")
+    __slots__ = ("request_id", "started", "delta", "finished", "error", "action", "emotion", "duplicate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Event(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started: Started
     delta: TextDelta
@@ -148,7 +149,14 @@ class Event(_message.Message):
     error: Error
     action: Action
     emotion: Emotion
-    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ...) -> None: ...
+    duplicate: Duplicate
+    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., duplicate: _Optional[_Union[Duplicate, _Mapping]] = ...) -> None: ...
+
+class Duplicate(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class Action(_message.Message):
     __slots__ = ("name", "args_json")
@@ -207,14 +215,16 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., json: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "status", "message")
+    __slots__ = ("code", "status", "message", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     status: str
     message: str
-    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ListPersonasRequest(_message.Message):
     __slots__ = ()

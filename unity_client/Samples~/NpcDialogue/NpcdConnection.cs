@@ -10,6 +10,18 @@ public sealed class NpcdConnection : MonoBehaviour
     [Tooltip("host:port of the npcd daemon")]
     public string address = "127.0.0.1:50051";
 
+    [Tooltip("the daemon's bearer token (npcd.yaml token); empty: the NPCD_TOKEN environment variable, else none")]
+    public string token = "";
+
+    [Tooltip("TLS instead of plaintext (needed for a daemon on another machine)")]
+    public bool useTls = false;
+
+    [Tooltip("TLS: PEM root certificates the daemon's certificate is checked against; empty: the system's")]
+    [TextArea] public string rootCertsPem = "";
+
+    [Tooltip("TLS: the name in the daemon's certificate when it differs from the address's host")]
+    public string tlsServerName = "";
+
     public static NpcdConnection Instance { get; private set; }
     public NpcdClient Client { get; private set; }
 
@@ -22,7 +34,14 @@ public sealed class NpcdConnection : MonoBehaviour
         }
         Instance = this;
         DontDestroyOnLoad(gameObject);
-        Client = new NpcdClient(address);
+        string bearer = string.IsNullOrEmpty(token) ? System.Environment.GetEnvironmentVariable("NPCD_TOKEN") : token;
+        Client = new NpcdClient(new NpcdClientOptions(address)
+        {
+            Token = string.IsNullOrEmpty(bearer) ? null : bearer,
+            Tls = useTls,
+            RootCertsPem = string.IsNullOrEmpty(rootCertsPem) ? null : rootCertsPem,
+            TlsServerName = string.IsNullOrEmpty(tlsServerName) ? null : tlsServerName,
+        });
     }
 
     void Update()

@@ -48,13 +48,15 @@ void UNpcdSayAsyncAction::Activate()
     npcd_request* Request = npcd_request_new(TCHAR_TO_UTF8(*Persona), TCHAR_TO_UTF8(*Line));
     if (Request != nullptr)
     {
-        npcd_request_set_speaker(Request, TCHAR_TO_UTF8(*Speaker));
-        npcd_request_set_npc_id(Request, TCHAR_TO_UTF8(*NpcId));
+        // A refused field (NPCD_ERR_INVALID_UTF8 / _INVALID_ARGUMENT) fails the line instead of silently
+        // leaving the field out.
+        bool bActionsOk = npcd_request_set_speaker(Request, TCHAR_TO_UTF8(*Speaker)) == NPCD_OK &&
+                          npcd_request_set_npc_id(Request, TCHAR_TO_UTF8(*NpcId)) == NPCD_OK;
         npcd_request_set_priority(Request, NPCD_PRIORITY_PLAYER);
         if (MaxTokens > 0) npcd_request_set_max_tokens(Request, static_cast<uint32_t>(MaxTokens));
         if (bStructured) npcd_request_set_structured(Request, 1);
-        if (!ResponseFormat.IsEmpty()) npcd_request_set_response_format(Request, TCHAR_TO_UTF8(*ResponseFormat));
-        bool bActionsOk = true;
+        if (!ResponseFormat.IsEmpty())
+            bActionsOk &= npcd_request_set_response_format(Request, TCHAR_TO_UTF8(*ResponseFormat)) == NPCD_OK;
         for (const FNpcdActionSpec& Spec : Actions)
         {
             bActionsOk &= npcd_request_add_action(Request, TCHAR_TO_UTF8(*Spec.Name), TCHAR_TO_UTF8(*Spec.Description),
@@ -65,7 +67,8 @@ void UNpcdSayAsyncAction::Activate()
     }
     if (RequestId.IsEmpty())
     {
-        OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem, or an invalid persona, line or action)"));
+        OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem or connection, or an invalid persona, line, "
+                                              "speaker, npc id, response format or action; text must be valid UTF-16)"));
         SetReadyToDestroy();
     }
 }

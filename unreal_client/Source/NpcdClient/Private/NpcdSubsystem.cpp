@@ -1,12 +1,52 @@
 #include "NpcdSubsystem.h"
 
+#include "HAL/PlatformMisc.h"
+#include "Misc/FileHelper.h"
 #include "NpcdSettings.h"
+
+namespace
+{
+// A PEM file's text, or "" when Path is empty; false when it cannot be read.
+bool ReadPem(const FString& Path, FString& Out)
+{
+    Out.Reset();
+    return Path.IsEmpty() || FFileHelper::LoadFileToString(Out, *Path);
+}
+}
 
 void UNpcdSubsystem::Initialize(FSubsystemCollectionBase& Collection)
 {
     Super::Initialize(Collection);
     const UNpcdSettings* Settings = GetDefault<UNpcdSettings>();
-    Client = npcd_client_new(TCHAR_TO_UTF8(*Settings->Address), Settings->InitialBackoffMs, Settings->MaxBackoffMs);
+    FString Token = Settings->Token.IsEmpty() ? FPlatformMisc::GetEnvironmentVariable(TEXT("NPCD_TOKEN")) : Settings->Token;
+    FString RootCerts, ClientCert, ClientKey;
+    if (!ReadPem(Settings->RootCertsPemPath, RootCerts) || !ReadPem(Settings->ClientCertPemPath, ClientCert) ||
+        !ReadPem(Settings->ClientKeyPemPath, ClientKey))
+    {
+        UE_LOG(LogTemp, Error, TEXT("npcd: cannot read a PEM file named in Project Settings > Plugins > npcd"));
+        return;
+    }
+    // The converted strings must outlive the call (the library copies them).
+    FTCHARToUTF8 Address(*Settings->Address), TokenUtf8(*Token), RootUtf8(*RootCerts), CertUtf8(*ClientCert),
+        KeyUtf8(*ClientKey), NameUtf8(*Settings->TlsServerName);
+    npcd_client_options Options;
+    npcd_client_options_init(&Options);
+    Options.address = Address.Get();
+    Options.initial_backoff_ms = static_cast<uint32_t>(Settings->InitialBackoffMs);
+    Options.max_backoff_ms = static_cast<uint32_t>(Settings->MaxBackoffMs);
+    Options.token = Token.IsEmpty() ? nullptr : TokenUtf8.Get();
+    Options.tls = Settings->bUseTls ? 1 : 0;
+    Options.root_certs_pem = RootCerts.IsEmpty() ? nullptr : RootUtf8.Get();
+    Options.client_cert_pem = ClientCert.IsEmpty() ? nullptr : CertUtf8.Get();
+    Options.client_key_pem = ClientKey.IsEmpty() ? nullptr : KeyUtf8.Get();
+    Options.tls_server_name = Settings->TlsServerName.IsEmpty() ? nullptr : NameUtf8.Get();
+    npcd_status Status = NPCD_OK;
+    Client = npcd_client_new_with_options(&Options, &Status);
+    if (Client == nullptr)
+    {
+        UE_LOG(LogTemp, Error, TEXT("npcd: the connection settings were refused (status %d): %s"), static_cast<int32>(Status),
+               UTF8_TO_TCHAR(npcd_last_error()));
+    }
 }
 
 void UNpcdSubsystem::Deinitialize()
@@ -37,6 +77,7 @@ void UNpcdSubsystem::Forget(const FString& RequestId)
 
 void UNpcdSubsystem::Tick(float DeltaTime)
 {
+    if (Client == nullptr) return;
     npcd_event Events[64];
     int32 Count;
     do
