@@ -7,7 +7,8 @@
  * npcd_poll() once per frame and gets the events that arrived since.
  *
  * Requests submitted and cancels issued between two polls go out together as
- * one Tick, when npcd_poll() (or npcd_flush()) runs.
+ * one Tick, when npcd_poll() (or npcd_flush()) runs; a frame over
+ * NPCD_MAX_REQUEST_BYTES is split across several Ticks, in order.
  *
  * Every request ends with exactly one terminal event: FINISHED or ERROR.
  * STARTED, TEXT_DELTA, EMOTION and ACTION events come before it; nothing
@@ -57,8 +58,19 @@ typedef enum npcd_status {
     NPCD_ERR_UNKNOWN_REQUEST = 3,  /* no pending or in-flight request has this id */
     NPCD_ERR_INVALID_UTF8 = 4,     /* malformed UTF-8, including a lone surrogate (ED A0..BF xx) */
     NPCD_ERR_EMBEDDED_NUL = 5,     /* npcd_check_utf8: a NUL byte inside the given length */
-    NPCD_ERR_INVALID_ADDRESS = 6   /* npcd_client_new*: the address does not parse */
+    NPCD_ERR_INVALID_ADDRESS = 6,  /* npcd_client_new*: the address does not parse */
+    NPCD_ERR_TOO_LARGE = 7         /* npcd_submit: the request is over NPCD_MAX_REQUEST_BYTES serialized */
 } npcd_status;
+
+/*
+ * The most bytes one request may take serialized (protobuf) on the wire: gRPC's
+ * default maximum message size (4 MiB, 4194304 bytes, which the daemon keeps)
+ * less 16 KiB for the Tick around it. npcd_submit refuses a larger request
+ * with NPCD_ERR_TOO_LARGE and sends nothing; a frame whose requests and
+ * cancels together are larger goes out as several Ticks, in order, each
+ * under the limit, in the same flush.
+ */
+#define NPCD_MAX_REQUEST_BYTES (4194304u - 16384u)
 
 typedef enum npcd_event_kind {
     NPCD_EVENT_STARTED = 1,
@@ -83,7 +95,8 @@ typedef enum npcd_finish_reason {
     NPCD_FINISH_STOP = 1,
     NPCD_FINISH_LENGTH = 2,
     NPCD_FINISH_CANCELLED = 3,
-    NPCD_FINISH_DEADLINE = 4
+    NPCD_FINISH_DEADLINE = 4,
+    NPCD_FINISH_PREEMPTED = 5   /* an ambient line ended early (its text so far) so a player line could start */
 } npcd_finish_reason;
 
 /* The same numbers as npcd.v1.Priority. */
@@ -136,8 +149,11 @@ typedef struct npcd_event {
 
 /*
  * How to connect. Fill it with npcd_client_options_init() first, then set
- * what you need: fields added later get their defaults that way (struct_size
- * tells the library how much of the struct the caller knows).
+ * what you need. struct_size tells the library how much of the struct the
+ * caller knows: fields appended later are read only when struct_size covers
+ * them (else they take their defaults); a size below this first version's is
+ * refused. Bindings that do not use the header (C#) set struct_size to their
+ * own size of the struct and zero the rest.
  */
 typedef struct npcd_client_options {
     uint32_t struct_size;        /* sizeof(npcd_client_options); set by _init */
@@ -176,8 +192,22 @@ typedef struct npcd_client_options {
  */
 NPCD_API npcd_client *npcd_client_new(const char *address, uint32_t initial_backoff_ms,
                                       uint32_t max_backoff_ms);
-/* The defaults: struct_size set, everything else 0 / NULL. */
-NPCD_API void npcd_client_options_init(npcd_client_options *options);
+/* The defaults: struct_size set (to this header's size of the struct), everything else
+ * 0 / NULL. Inline on purpose: a newer library never writes past an older caller's struct. */
+static inline void npcd_client_options_init(npcd_client_options *options) {
+    options->struct_size = (uint32_t)sizeof(npcd_client_options);
+    options->initial_backoff_ms = 0;
+    options->max_backoff_ms = 0;
+    options->connect_queue_max = 0;
+    options->connect_queue_timeout_ms = 0;
+    options->tls = 0;
+    options->address = 0;
+    options->token = 0;
+    options->root_certs_pem = 0;
+    options->client_cert_pem = 0;
+    options->client_key_pem = 0;
+    options->tls_server_name = 0;
+}
 /*
  * A client as the options say (copied; the strings may be freed on return).
  * Returns NULL when they are refused; then *status_out (when status_out is not
@@ -187,7 +217,7 @@ NPCD_API void npcd_client_options_init(npcd_client_options *options);
 NPCD_API npcd_client *npcd_client_new_with_options(const npcd_client_options *options,
                                                    npcd_status *status_out);
 /*
- * Why the last npcd_client_new*, npcd_request_new or npcd_check_utf8 call on
+ * Why the last npcd_client_new*, npcd_request_new, npcd_submit or npcd_check_utf8 call on
  * this thread failed ("" when it did not). Valid until the next such call on
  * the same thread.
  */
@@ -263,7 +293,10 @@ NPCD_API npcd_status npcd_request_set_response_format(npcd_request *request,
 
 /*
  * Queues a copy of the request for the next Tick; the builder may be freed
- * or reused (after npcd_request_set_id) right away.
+ * or reused (after npcd_request_set_id) right away. NPCD_ERR_DUPLICATE_ID
+ * when its id is pending or in flight; NPCD_ERR_TOO_LARGE (npcd_last_error()
+ * names its size and the limit) when it is over NPCD_MAX_REQUEST_BYTES
+ * serialized: then nothing is queued or sent, and the session goes on.
  */
 NPCD_API npcd_status npcd_submit(npcd_client *client, const npcd_request *request);
 /*
@@ -272,7 +305,8 @@ NPCD_API npcd_status npcd_submit(npcd_client *client, const npcd_request *reques
  * with the next Tick and the daemon ends the request.
  */
 NPCD_API npcd_status npcd_cancel(npcd_client *client, const char *request_id);
-/* Sends the pending requests and cancels now, as one Tick. */
+/* Sends the pending requests and cancels now, as one Tick (several, in order,
+ * when together they are over NPCD_MAX_REQUEST_BYTES). */
 NPCD_API void npcd_flush(npcd_client *client);
 /*
  * Flushes, then copies up to `max` of the events that arrived since the

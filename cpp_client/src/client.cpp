@@ -114,14 +114,10 @@ npcd_status optional_string(const char* s, const char* field, std::string* out, 
 
 extern "C" {
 
-void npcd_client_options_init(npcd_client_options* options) {
-    if (options == nullptr) return;
-    *options = npcd_client_options{};
-    options->struct_size = sizeof(npcd_client_options);
-}
-
 npcd_client* npcd_client_new_with_options(const npcd_client_options* options, npcd_status* status_out) {
     if (options == nullptr) return fail_new(NPCD_ERR_INVALID_ARGUMENT, "options is NULL", status_out);
+    // The first version of the struct is all of it so far; fields appended later must be read only
+    // when options->struct_size covers them.
     if (options->struct_size < sizeof(npcd_client_options))
         return fail_new(NPCD_ERR_INVALID_ARGUMENT,
                         "options.struct_size is too small: fill the options with npcd_client_options_init first",
@@ -194,6 +190,17 @@ npcd_status npcd_submit(npcd_client* client, const npcd_request* request) {
     const std::string& id = request->message.request_id();
     if (pending_request(client, id) || client->session->in_flight(id))
         return NPCD_ERR_DUPLICATE_ID;
+    // A Tick over gRPC's message limit would end the whole Session stream: refuse the request
+    // here. A frame of requests that fit one by one is split by the session (split_tick).
+    const size_t bytes = request->message.ByteSizeLong();
+    if (bytes > NPCD_MAX_REQUEST_BYTES) {
+        npcd::set_last_error("request " + id + " is " + std::to_string(bytes) +
+                             " bytes serialized; the limit is " + std::to_string(NPCD_MAX_REQUEST_BYTES) +
+                             " bytes (NPCD_MAX_REQUEST_BYTES: gRPC's 4194304-byte message limit less the Tick "
+                             "envelope); shorten the line, history or context. Nothing was sent");
+        return NPCD_ERR_TOO_LARGE;
+    }
+    npcd::set_last_error("");
     *client->pending.add_requests() = request->message;
     return NPCD_OK;
 }

@@ -1,7 +1,10 @@
 #include "session.h"
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
+
+#include <google/protobuf/io/coded_stream.h>
 
 #include "npcd_client.h"
 
@@ -45,7 +48,36 @@ const char* status_name(grpc::StatusCode code) {
     return i >= 0 && i <= 16 ? kNames[i] : "UNKNOWN";
 }
 
+// What one repeated field element adds to a Tick: its tag, its length, itself.
+size_t element_bytes(size_t size) {
+    return 1 + google::protobuf::io::CodedOutputStream::VarintSize64(size) + size;
+}
+
 }  // namespace
+
+std::vector<v1::Tick> split_tick(v1::Tick tick) {
+    std::vector<v1::Tick> out;
+    if (tick.requests_size() == 0 && tick.cancels_size() == 0) return out;
+    if (tick.ByteSizeLong() <= NPCD_MAX_REQUEST_BYTES) {
+        out.push_back(std::move(tick));
+        return out;
+    }
+    size_t used = 0;
+    auto room_for = [&](size_t bytes) -> v1::Tick& {
+        if (out.empty() || (used > 0 && used + bytes > NPCD_MAX_REQUEST_BYTES)) {
+            out.emplace_back();
+            out.back().set_tick(tick.tick());
+            used = 0;
+        }
+        used += bytes;
+        return out.back();
+    };
+    for (auto& cancel : *tick.mutable_cancels())
+        *room_for(element_bytes(cancel.ByteSizeLong())).add_cancels() = std::move(cancel);
+    for (auto& request : *tick.mutable_requests())
+        *room_for(element_bytes(request.ByteSizeLong())).add_requests() = std::move(request);
+    return out;
+}
 
 Session::Session(SessionOptions options)
     : options_(std::move(options)),
@@ -111,8 +143,8 @@ void Session::send(v1::Tick tick) {
                                   }),
                    cancels->end());
     for (const auto& request : tick.requests()) in_flight_.insert(request.request_id());
-    if (tick.requests_size() == 0 && tick.cancels_size() == 0) return;
-    outbox_.push_back(std::move(tick));
+    // all parts at once, under the lock: the writer sends them in order, one after another
+    for (auto& part : split_tick(std::move(tick))) outbox_.push_back(std::move(part));
     cv_.notify_all();
 }
 
@@ -182,11 +214,13 @@ bool Session::run_stream() {
         std::lock_guard<std::mutex> lock(mu_);
         state_ = NPCD_CONNECTED;
         ever_connected_ = true;
-        if (!connect_queue_.empty()) {  // they go out first, as one Tick
+        if (!connect_queue_.empty()) {  // they go out first, as one Tick (or several: split_tick)
             v1::Tick tick;
             for (auto& q : connect_queue_) *tick.add_requests() = std::move(q.request);
             connect_queue_.clear();
-            outbox_.push_front(std::move(tick));
+            auto parts = split_tick(std::move(tick));
+            outbox_.insert(outbox_.begin(), std::make_move_iterator(parts.begin()),
+                           std::make_move_iterator(parts.end()));
         }
     }
 
@@ -202,6 +236,7 @@ bool Session::run_stream() {
         cv_.notify_all();
     });
 
+    bool write_failed = false;
     for (;;) {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [this] { return stopping_ || read_done_ || !outbox_.empty(); });
@@ -209,14 +244,20 @@ bool Session::run_stream() {
         v1::Tick tick = std::move(outbox_.front());
         outbox_.pop_front();
         lock.unlock();
-        if (!stream->Write(tick)) break;
+        if (!stream->Write(tick)) {
+            write_failed = true;  // the call is over (the daemon ended it, or the connection went)
+            break;
+        }
     }
     bool read_ended;
     {
         std::lock_guard<std::mutex> lock(mu_);
         read_ended = read_done_;
     }
-    if (!read_ended) context.TryCancel();  // unblocks the reader; keeps a real end status
+    // Cancel only to unblock a reader we are abandoning (stop). After a failed Write the call is already over
+    // and the reader ends by itself: cancelling then would replace the daemon's status (UNAUTHENTICATED, say)
+    // with CANCELLED, a race that made the wrong-token case read as a lost connection.
+    if (!read_ended && !write_failed) context.TryCancel();
     reader.join();
     const grpc::Status status = stream->Finish();
 

@@ -37,6 +37,12 @@ struct SessionOptions {
     std::string tls_server_name;
 };
 
+// The tick's cancels, then its requests, in order, cut into Ticks of at most
+// NPCD_MAX_REQUEST_BYTES each (the daemon handles a Tick's cancels before its
+// requests, so the order of effects stays). Each carries the tick's number.
+// One Tick when it fits; none when it is empty.
+std::vector<v1::Tick> split_tick(v1::Tick tick);
+
 class Session {
 public:
     explicit Session(SessionOptions options);
@@ -44,7 +50,8 @@ public:
     Session(const Session&) = delete;
     Session& operator=(const Session&) = delete;
 
-    // Sends a tick when connected. While CONNECTING (never connected yet) its
+    // Sends a tick when connected (as several, in order, when it is over
+    // NPCD_MAX_REQUEST_BYTES: split_tick). While CONNECTING (never connected yet) its
     // requests wait in the connect queue (bounded, each with a timeout); while
     // DISCONNECTED they fail at once. Cancels of requests not in flight are
     // dropped; a cancel of a queued request ends it FINISHED/CANCELLED.

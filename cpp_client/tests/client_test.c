@@ -1,7 +1,7 @@
 /*
  * Tests of the C ABI against a real daemon. One flow per run:
  *
- *   npcd_client_test stream|tick|cancel|structured
+ *   npcd_client_test stream|tick|cancel|structured|large
  *                                         needs NPCD_TEST_ADDR (a running daemon); structured
  *                                         also a persona "merchant" that declares emotions
  *                                         and actions
@@ -30,7 +30,7 @@
 
 #include "npcd_client.h"
 
-#define MAX_LINES 32
+#define MAX_LINES 80
 #define MAX_PERSONAS 16
 #define TEXT_CAP 4096
 #define NAME_CAP 128
@@ -526,6 +526,81 @@ static void test_restart(void) {
     npcd_client_free(c);
 }
 
+/* Requests near and over gRPC's 4 MiB message limit: one over NPCD_MAX_REQUEST_BYTES is refused
+ * locally (NPCD_ERR_TOO_LARGE, nothing sent); a frame of 70 requests of ~61 KB (~4.3 MB in all) goes
+ * out split over several Ticks, and the session survives both. */
+#define LARGE_FRAME 70
+#define LARGE_TURNS 32    /* the daemon's max_history_turns */
+#define LARGE_TURN_CHARS 1900 /* under its max_line_chars (2000) */
+static void test_large(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    static lines ls; /* too big for the stack with LARGE_FRAME lines */
+    memset(&ls, 0, sizeof ls);
+
+    /* (a) one line of 5,000,000 characters */
+    const size_t big_chars = 5000000;
+    char *big = malloc(big_chars + 1);
+    CHECK(big != NULL, "malloc");
+    memset(big, 'a', big_chars);
+    big[big_chars] = 0;
+    npcd_request *r = make_request(personas[0], big, 1);
+    free(big);
+    char big_id[64];
+    snprintf(big_id, sizeof big_id, "%s", npcd_request_id(r));
+    CHECK(npcd_submit(c, r) == NPCD_ERR_TOO_LARGE, "a 5,000,000-character line was not refused as too large");
+    const char *why = npcd_last_error();
+    char limit[32];
+    snprintf(limit, sizeof limit, "%u", (unsigned)NPCD_MAX_REQUEST_BYTES);
+    CHECK(strstr(why, "500") != NULL && strstr(why, limit) != NULL && strstr(why, big_id) != NULL,
+          "npcd_last_error() must name the request, its size and the limit %s: '%s'", limit, why);
+    npcd_request_free(r);
+    CHECK(npcd_cancel(c, big_id) == NPCD_ERR_UNKNOWN_REQUEST, "the refused request is pending");
+    line *after_big = say(c, &ls, personas[0], "Still there?", 8);
+    CHECK(strcmp(npcd_last_error(), "") == 0, "a successful submit leaves npcd_last_error() '%s'", npcd_last_error());
+    pump_all_done(c, &ls, 120);
+    expect_complete_line(after_big);
+    CHECK(npcd_client_state(c) == NPCD_CONNECTED, "not connected after the refused request");
+
+    /* (b) 70 requests of 32 turns of 1,900 characters each, in one frame, then a short line */
+    char *turn = malloc(LARGE_TURN_CHARS + 1);
+    CHECK(turn != NULL, "malloc");
+    static const char words[] = "the harvest came in late and the river ran high all spring; ";
+    for (int i = 0; i < LARGE_TURN_CHARS; i++) turn[i] = words[i % (sizeof words - 1)];
+    turn[LARGE_TURN_CHARS] = 0;
+    line *frame[LARGE_FRAME];
+    for (int i = 0; i < LARGE_FRAME; i++) {
+        char text[64];
+        snprintf(text, sizeof text, "Villager %d: and what of the harvest?", i);
+        r = make_request(personas[i % persona_count], text, 1);
+        for (int t = 0; t < LARGE_TURNS; t++)
+            CHECK(npcd_request_add_history(r, t % 2 ? "Innkeeper" : "Player", turn) == NPCD_OK, "add_history");
+        frame[i] = submit(c, &ls, r);
+        npcd_request_free(r);
+    }
+    free(turn);
+    line *last = say(c, &ls, personas[0], "One more word, please.", 8);
+    pump_all_done(c, &ls, 300);
+    int finished = 0, refused = 0, too_long = 0;
+    for (int i = 0; i < LARGE_FRAME; i++) {
+        const line *l = frame[i];
+        CHECK(l->done == NPCD_EVENT_FINISHED || l->error_code == 8 || l->error_code == 3,
+              "%s: want FINISHED, ERROR 8 (queue full) or ERROR 3 (prompt over max_seq_len), got ERROR %d: %s",
+              l->id, l->error_code, l->finished);
+        if (l->done == NPCD_EVENT_FINISHED) finished++;
+        else if (l->error_code == 8) refused++;
+        else too_long++;
+    }
+    expect_complete_line(last);
+    CHECK(npcd_client_state(c) == NPCD_CONNECTED, "the session did not survive the 4.3 MB frame");
+    line *after = say(c, &ls, personas[0], "Goodbye for now.", 8);
+    pump_all_done(c, &ls, 120);
+    expect_complete_line(after);
+    printf("large: 5,000,000 characters refused locally; %d lines of ~61 KB in one frame: %d finished, "
+           "%d refused (queue), %d over max_seq_len; the session lives on\n",
+           LARGE_FRAME, finished, refused, too_long);
+    npcd_client_free(c);
+}
+
 /* A daemon with max_queue 1: of three lines in one Tick, the second and third are refused
  * with RESOURCE_EXHAUSTED and a retry hint. */
 static void test_busy(void) {
@@ -764,7 +839,7 @@ static void test_secure(void) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure\n", argv[0]);
+        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure|large\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -777,6 +852,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "busy") == 0) test_busy();
     else if (strcmp(argv[1], "offline") == 0) test_offline();
     else if (strcmp(argv[1], "secure") == 0) test_secure();
+    else if (strcmp(argv[1], "large") == 0) test_large();
     else {
         fprintf(stderr, "unknown flow %s\n", argv[1]);
         return 2;

@@ -35,7 +35,8 @@ namespace Npcd
             public uint RetryAfterMs;
         }
 
-        // npcd_client_options field for field (npcd_client_options_init fills the defaults).
+        // npcd_client_options field for field. StructSize is this struct's own size (the header's
+        // npcd_client_options_init is inline C, not an export); zero fields take the defaults.
         [StructLayout(LayoutKind.Sequential)]
         internal struct NativeOptions
         {
@@ -66,9 +67,9 @@ namespace Npcd
         internal const int StatusOk = 0;
         internal const int StatusDuplicateId = 2;
         internal const int StatusInvalidUtf8 = 4;
+        internal const int StatusTooLarge = 7;
 
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new(byte[] address, uint initialBackoffMs, uint maxBackoffMs);
-        [DllImport(Lib)] internal static extern void npcd_client_options_init(ref NativeOptions options);
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new_with_options(ref NativeOptions options, out int status);
         [DllImport(Lib)] internal static extern IntPtr npcd_last_error();
         [DllImport(Lib)] internal static extern void npcd_client_free(IntPtr client);

@@ -65,7 +65,7 @@ namespace Npcd
             if (options == null) throw new ArgumentNullException("options");
             if (string.IsNullOrEmpty(options.Address)) throw new ArgumentException("address is empty", "address");
             var native = new NativeMethods.NativeOptions();
-            NativeMethods.npcd_client_options_init(ref native);
+            native.StructSize = (uint)Marshal.SizeOf(typeof(NativeMethods.NativeOptions));
             native.InitialBackoffMs = options.InitialBackoffMs;
             native.MaxBackoffMs = options.MaxBackoffMs;
             native.ConnectQueueMax = options.ConnectQueueMax;
@@ -113,6 +113,9 @@ namespace Npcd
         /// before anything is queued: an ArgumentException (ParamName the field) means nothing
         /// was sent. A request id is in use until its line ended, i.e. its Finished or Failed
         /// was raised; after Cancel() that happens at the next Poll.</summary>
+        /// <exception cref="RequestTooLargeException">the request is over
+        /// RequestTooLargeException.MaxRequestBytes serialized (gRPC's 4 MiB message limit);
+        /// nothing was sent and the client goes on</exception>
         public NpcdLine Say(LineRequest request)
         {
             if (request == null) throw new ArgumentNullException("request");
@@ -126,6 +129,7 @@ namespace Npcd
                                                 + " (a cancelled line ends at the next Poll)", "RequestId");
                 int status = NativeMethods.npcd_submit(handle, native);
                 if (status == NativeMethods.StatusDuplicateId) throw new ArgumentException("request id " + id + " is already in use", "RequestId");
+                if (status == NativeMethods.StatusTooLarge) throw new RequestTooLargeException(NativeMethods.LastError());
                 if (status != 0) throw new ArgumentException("the request was refused (status " + status + ")", "request");
                 var line = new NpcdLine(this, id, request.Persona);
                 lines.Add(id, line);

@@ -1,5 +1,17 @@
 namespace Npcd
 {
+    /// <summary>NpcdClient.Say refused the request before sending anything: serialized, it is
+    /// over MaxRequestBytes (NPCD_MAX_REQUEST_BYTES: gRPC's 4 MiB message limit less the Tick
+    /// around it), which would end the whole session. The message names its size and the
+    /// limit. Shorten the line, the history or the context. ParamName is "request".</summary>
+    public sealed class RequestTooLargeException : System.ArgumentException
+    {
+        /// <summary>The most bytes one request may take serialized.</summary>
+        public const int MaxRequestBytes = 4194304 - 16384;
+
+        public RequestTooLargeException(string message) : base(message, "request") { }
+    }
+
     /// <summary>The numbers of npcd_connection_state.</summary>
     public enum ConnectionState
     {
@@ -25,6 +37,8 @@ namespace Npcd
         Length = 2,
         Cancelled = 3,
         Deadline = 4,
+        /// <summary>An ambient line ended early (its text so far) so that a player line could start.</summary>
+        Preempted = 5,
     }
 
     /// <summary>Why a line failed: a gRPC status code, its name and a message.

@@ -1,6 +1,6 @@
 // Tests of the C# binding against a real daemon, through the native library. One flow per
 // run, with the same environment as the C tests (cpp_client/tests/client_test.c):
-//   mono ClientTest.exe stream|tick|cancel   needs NPCD_TEST_ADDR
+//   mono ClientTest.exe stream|tick|cancel|large   needs NPCD_TEST_ADDR
 //   mono ClientTest.exe structured           needs NPCD_TEST_ADDR and a persona "merchant" that
 //                                            declares emotions and actions
 //   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
@@ -331,6 +331,40 @@ internal static class Test
         }
     }
 
+    /// <summary>A line over the 4 MiB message limit is refused before anything is sent; the client
+    /// goes on, and a frame of 70 lines of ~61 KB (split over several Ticks) ends line by line.</summary>
+    private static void Large()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var big = Request(personas[0], new string('a', 5000000), 1);
+            var e = Refused(() => client.Say(big), "a 5,000,000-character line");
+            Check(e is RequestTooLargeException && e.ParamName == "request", "want RequestTooLargeException, got " + e);
+            Check(e.Message.Contains(RequestTooLargeException.MaxRequestBytes.ToString()), "the message names no limit: " + e.Message);
+            Check(client.ActiveLines == 0, "the refused line is active");
+            var turn = new System.Text.StringBuilder();
+            while (turn.Length < 1900) turn.Append("the harvest came in late and the river ran high all spring; ");
+            string text = turn.ToString(0, 1900);
+            var frame = new List<Recorder>();
+            for (int i = 0; i < 70; i++)
+            {
+                var r = Request(personas[i % personas.Length], "Villager " + i + ": and what of the harvest?", 1);
+                for (int t = 0; t < 32; t++) r.History.Add(new Turn(t % 2 == 1 ? "Innkeeper" : "Player", text));
+                frame.Add(Say(client, r));
+            }
+            var last = Say(client, Request(personas[0], "One more word, please.", 8));
+            PumpUntil(client, () => client.ActiveLines == 0, 300, "the large frame to end");
+            foreach (var rec in frame)
+            {
+                var r = rec.Line.Result;
+                Check(!r.Failed || r.Error.Code == 8 || r.Error.Code == 3, rec.Line.Id + ": want Finished, error 8 or 3, got " + r.Error);
+            }
+            last.ExpectComplete();
+            Check(client.State == ConnectionState.Connected, "the session did not survive the large frame: " + client.State);
+            Console.WriteLine("large: refused locally (" + e.Message + "); 70 lines in one frame ended, the session lives on");
+        }
+    }
+
     private static void Busy()
     {
         using (var client = Connect(Env("NPCD_TEST_BUSY_ADDR"), 60))
@@ -507,7 +541,7 @@ internal static class Test
     {
         if (args.Length != 1)
         {
-            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart|busy|offline|secure");
+            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart|busy|offline|secure|large");
             return 2;
         }
         personas = Env("NPCD_TEST_PERSONAS").Split(',');
@@ -523,6 +557,7 @@ internal static class Test
                 case "busy": Busy(); break;
                 case "offline": Offline(); break;
                 case "secure": Secure(); break;
+                case "large": Large(); break;
                 default:
                     Console.Error.WriteLine("unknown flow " + args[0]);
                     return 2;

@@ -20,6 +20,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"        # max_tokens or the engine's max sequence length
     CANCELLED = "cancelled"  # the caller cancelled (or disconnected)
     DEADLINE = "deadline"    # the request's deadline passed
+    PREEMPTED = "preempted"  # an ambient line shed so that a player line could start at once
     ERROR = "error"          # this request failed; the others go on
 
 
@@ -96,6 +97,11 @@ STOP_STRINGS = Bound(0, 8, kind=int, unit="strings")
 STOP_CHARS = Bound(1, 64, kind=int, unit="characters")  # of each stop string
 
 
+# Events one line may hold unread for a reader that stopped reading (about as many tokens of text): past it the
+# line is cancelled, so a client that never reads cannot keep the engine generating for nobody.
+UNREAD_EVENTS_MAX = 512
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """The reply must be JSON that follows `schema` (grammar-constrained decoding, per row of a batch).
@@ -119,6 +125,7 @@ class GenerationRequest:
     priority: int = 0            # higher is scheduled first (player-facing > ambient)
     deadline: float | None = None  # time.monotonic() after which the request is ended
     structured: StructuredOutput | None = None  # None: free text
+    client: str = ""             # who asked (a connection, or its x-npcd-client key): the unit of fair shares
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import structlog
 import torch
 
 from npcd.engine.api import (
+    UNREAD_EVENTS_MAX,
     AdapterInfo,
     BackendError,
     EngineStats,
@@ -33,15 +34,22 @@ from npcd.engine.sequence import Sink
 
 
 class RequestStream:
-    """Async iterator over one request's events; delivered on the submitting loop."""
+    """Async iterator over one request's events; delivered on the submitting loop.
+
+    Events wait here until read; past UNREAD_EVENTS_MAX unread, `on_overflow` (set by the reader's owner) is
+    called once, so a client that stopped reading cannot make the engine generate for nobody."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str):
         self._engine, self.request_id = engine, request_id
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._done = False
+        self.on_overflow: Callable[[], None] | None = None
 
     def put(self, event: Event) -> None:
         self._queue.put_nowait(event)
+        if self.on_overflow is not None and self._queue.qsize() > UNREAD_EVENTS_MAX:
+            overflow, self.on_overflow = self.on_overflow, None
+            overflow()
 
     def __aiter__(self) -> "RequestStream":
         return self

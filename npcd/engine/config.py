@@ -33,6 +33,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_resident_adapters: int = 8  # adapters held in the weight stacks; LRU-evicted beyond
     max_queue: int = 256           # waiting requests before QUEUE_FULL
+    player_queue_share: float = 0.125  # of max_queue kept for player lines: ambient requests see the rest
     prefix_cache_entries: int = 32  # persona prompt prefixes kept (per persona + adapter version)
     prefill_token_budget: int = 256   # new prompt tokens per step: bounds how long running lines wait
     prefill_policy: str = "mixed"  # alternate | eager | mixed (docs/performance.md)
@@ -85,11 +86,17 @@ class EngineConfig:
         need(1 <= self.max_resident_adapters <= 256,
              f"max_resident_adapters must be in 1..256, got {self.max_resident_adapters}")
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        need(0 <= self.player_queue_share < 1, f"player_queue_share must be in [0, 1), got {self.player_queue_share}")
         need(self.prefix_cache_entries >= 0, f"prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
         need(self.prefill_token_budget >= 16, f"prefill_token_budget must be >= 16, got {self.prefill_token_budget}")
         need(self.prefill_policy in PREFILL_POLICIES,
              f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}")
         need(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def player_queue_reserve(self) -> int:
+        """Queue places only player lines may take."""
+        return int(self.max_queue * self.player_queue_share)
 
     def replace(self, **changes) -> "EngineConfig":
         config = dataclasses.replace(self, **changes)

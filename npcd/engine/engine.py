@@ -103,6 +103,7 @@ class Engine:
         self.steps = 0
         self.last_batch_size = 0
         self.last_step_s = 0.0
+        self.preempted = 0  # ambient lines shed for player lines, since start
 
     @property
     def running(self) -> list[Sequence]:
@@ -163,9 +164,12 @@ class Engine:
                         version = self.registry.current.get(req.adapter)
                         if version is None:
                             raise UnknownAdapter(f"adapter {req.adapter!r} is not loaded")
-                    if len(self.scheduler.waiting) + self._pending >= self.config.max_queue:
+                    queue = self.config.max_queue - (0 if req.priority > 0 else self.config.player_queue_reserve)
+                    full = len(self.scheduler.waiting) + self._pending >= queue
+                    if full and self.scheduler.queue_hog(req.client) is None:
                         retry = self.retry_after_ms()
-                        raise QueueFull(f"the request queue is full ({self.config.max_queue} waiting); "
+                        raise QueueFull(f"the request queue is full ({queue} waiting"
+                                        f"{'' if req.priority > 0 else ', the rest kept for player lines'}); "
                                         f"try again in about {retry} ms", retry)
                     self._pending += 1
             except BackendError as exc:
@@ -183,6 +187,12 @@ class Engine:
     def _enqueue(self, seq: Sequence) -> None:
         with self._lock:
             self._pending -= 1
+        limit = self.config.max_queue - (0 if seq.priority > 0 else self.config.player_queue_reserve)
+        if len(self.scheduler.waiting) >= limit:  # admitted over a client above its share of the queue
+            hog = self.scheduler.queue_hog(seq.client)
+            if hog is not None:
+                self.preempted += 1
+                self._finish(hog, FinishReason.PREEMPTED)
         rid = seq.request.request_id
         if rid in self.by_id:
             seq.sink(Finished(rid, FinishReason.ERROR, "", len(seq.prompt), 0, 0, 0, 0,
@@ -268,6 +278,9 @@ class Engine:
         now = time.monotonic()
         for seq in self.scheduler.expired(now):
             self._finish(seq, FinishReason.DEADLINE)
+        for seq in self.scheduler.preemptions():
+            self.preempted += 1
+            self._finish(seq, FinishReason.PREEMPTED)
         plan = self.scheduler.schedule(now)
         if plan is None:
             self.last_batch_size = 0  # idle: the gauge says so, not what the last busy step held

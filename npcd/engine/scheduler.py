@@ -17,13 +17,18 @@ prefilling rows in slot order, then to newcomers, so the rows that get a chunk
 are contiguous too, and those that finish their prompt join the decoding range.
 
 Player-facing lines go before ambient barks; within a priority, first come
-first served.
+first served. And they never wait for a slot: when every slot is taken and a
+player line waits, the ambient line with the least text so far is shed
+(Finished{PREEMPTED}, its text so far), so a flood of barks cannot hold the
+player's line back for a whole bark's length. The queue keeps places for
+player lines too (`player_queue_reserve`): ambient requests see a shorter one.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Protocol, TypeVar
 
@@ -133,6 +138,67 @@ class Scheduler:
         """Queues a sequence; returns how many wait ahead of it."""
         return self.waiting.push(seq)
 
+    def queue_hog(self, client: str) -> Sequence | None:
+        """When the queue is full: the newest waiting line of the client holding the most places, if that
+        client holds more than its share (the queue over the clients waiting, `client` counted) and is not
+        `client`; it gives its place up. So a client that filled the queue alone, or never reads, cannot
+        keep another client out, while a lone client may still use the whole queue."""
+        waiting = self.waiting.waiting()
+        held = Counter(w.client for w in waiting)
+        if not held:
+            return None
+        hog, count = held.most_common(1)[0]
+        share = self.waiting.max_queue / len(set(held) | {client})
+        if hog == client or count <= share:
+            return None
+        return max((w for w in waiting if w.client == hog), key=lambda w: w.arrival)
+
+    def fair_share(self) -> int:
+        """Batch slots each client may hold while another client waits: the slots over the clients present."""
+        clients = {s.client for s in self.running} | {w.client for w in self.waiting.waiting()}
+        return -(-self._kv.slots // max(1, len(clients)))
+
+    def preemptions(self) -> list[Sequence]:
+        """Running lines to shed now, one per waiting line that finds no free slot and outranks a running one:
+        by priority (a player line over an ambient one), or by fairness (a client under its share of the slots
+        over one above it, at equal priority). The victim is the lowest priority, then the fewest tokens so far
+        (the least lost), then the latest started."""
+        waiting = sorted(self.waiting.waiting(), key=lambda w: -w.priority)  # stable: arrival within a priority
+        free = self._kv.slots - len(self.running)
+        if len(waiting) <= free:
+            return []
+        share = self.fair_share()
+        held = Counter(s.client for s in self.running)
+        candidates = sorted(self.running, key=lambda s: (s.priority, len(s.generated), -s.scheduled_at))
+        victims: list[Sequence] = []
+        for w in waiting[free:]:
+            for c in candidates:
+                unfair = (c.priority == w.priority and c.client != w.client and held[c.client] > share
+                          and held[w.client] < share)
+                if c.priority < w.priority or unfair:
+                    victims.append(c)
+                    candidates.remove(c)
+                    held[c.client] -= 1
+                    held[w.client] += 1
+                    break
+        return victims
+
+    def _fair(self, can_run: Callable[[Sequence], bool]) -> Callable[[Sequence], bool]:
+        """`can_run`, and no client past its fair share of the slots while another client's line waits."""
+        share, held = self.fair_share(), Counter(s.client for s in self.running)
+        waiting_clients = Counter(w.client for w in self.waiting.waiting())
+
+        def fair(seq: Sequence) -> bool:
+            others_wait = sum(waiting_clients.values()) > waiting_clients[seq.client]
+            if held[seq.client] >= share and others_wait:
+                return False
+            if not can_run(seq):
+                return False
+            held[seq.client] += 1
+            waiting_clients[seq.client] -= 1
+            return True
+        return fair
+
     def expired(self, now: float) -> list[Sequence]:
         """Running or waiting sequences whose deadline has passed."""
         return [s for s in self.running + self.waiting.waiting()
@@ -157,7 +223,7 @@ class Scheduler:
         newcomers: list[Sequence] = []
         left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling)  # after the rows already prefilling
         if len(self.waiting) and left > 0:
-            newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._can_run)
+            newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._fair(self._can_run))
         plan = StepPlan(decode=[], prefill=[], start_slot=decoding)
         for seq in newcomers:
             seq.scheduled_at = now

@@ -41,6 +41,10 @@ class Sequence:
         return self.request.priority
 
     @property
+    def client(self) -> str:
+        return self.request.client
+
+    @property
     def prompt(self) -> list[int]:
         return self.request.prompt_ids
 

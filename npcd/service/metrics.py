@@ -116,6 +116,8 @@ class Metrics:
         self.registry.register(_EngineCollector(stats, self.tokens_per_second))
         self.finished = Counter("npcd_requests_finished", "Requests finished, by reason.", ["reason"],
                                 registry=self.registry)
+        self.unread = Counter("npcd_lines_unread_cancelled", "Lines cancelled because their reader stopped "
+                              "reading (more unread events than the bound).", registry=self.registry)
         self.rejected = Counter("npcd_requests_rejected", "Requests refused before running, by gRPC status.",
                                 ["status"], registry=self.registry)
         self.ttft = Histogram("npcd_time_to_first_token_seconds",

@@ -21,8 +21,8 @@ import itertools
 import math
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import grpc
@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from npcd.engine.api import (
+    UNREAD_EVENTS_MAX,
     Backend,
     BackendError,
     FieldDone,
@@ -58,7 +59,6 @@ from npcd.service.conversion import (
 from npcd.service.metrics import Metrics
 from npcd.service.registry import PersonaRegistry, PersonaState, PersonaUnavailable
 from npcd.service.structured import structured_output
-from npcd.service.wire import Undecodable, add_service
 from npcd.service.validation import (
     DEFAULT_SPEAKER,
     RequestError,
@@ -67,8 +67,10 @@ from npcd.service.validation import (
     sampling_for,
     validate,
 )
+from npcd.service.wire import Undecodable, add_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Npcd"].full_name
+CLIENT_KEY = "x-npcd-client"
 ABANDONED_FINISH_S = 30.0  # how long a left line's Finished is waited for (a step; 30 s covers a stalled one)
 
 @dataclass
@@ -102,7 +104,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     # --- admission ---------------------------------------------------------
 
-    def _prepare(self, req: pb.SayRequest, engine_id: str, context: grpc.aio.ServicerContext | None) -> _Job:
+    def _prepare(self, req: pb.SayRequest, engine_id: str, context: grpc.aio.ServicerContext | None,
+                 caller: str) -> _Job:
         """Validated request -> engine request; holds a persona lease that `_events` releases."""
         if not self._accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "npcd is shutting down; no new requests")
@@ -128,7 +131,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 adapter=persona.id if persona.adapter_path is not None else None,
                 prefix_len=prompt.prefix_len,
                 priority=1 if req.priority == pb.PRIORITY_PLAYER else 0,
-                deadline=deadline, structured=structured,
+                deadline=deadline, structured=structured, client=caller,
             )
         except PromptError as exc:  # its message names the field
             self._registry.release(persona.id)
@@ -175,6 +178,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         rid = job.client_id
         last_delta = 0.0
         finished = False
+        if hasattr(stream, "on_overflow"):
+            stream.on_overflow = lambda: self._unread(job)
         try:
             async for event in stream:
                 if isinstance(event, Started):
@@ -212,6 +217,13 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         except TimeoutError:
             self._log.warning("no Finished for a line whose client left", id=job.client_id, persona=job.persona)
 
+    def _unread(self, job: _Job) -> None:
+        """Its reader stopped reading: cancel the line (its Finished{CANCELLED} waits unread like the rest)."""
+        self._metrics.unread.inc()
+        self._log.warning("line cancelled: its reader stopped reading", id=job.client_id, persona=job.persona,
+                          unread_events=UNREAD_EVENTS_MAX)
+        self._backend.cancel(job.request.request_id)
+
     def _track(self, task: asyncio.Task) -> None:
         self._pumps.add(task)  # tasks that may outlive their RPC by one engine step
         task.add_done_callback(self._pumps.discard)
@@ -242,7 +254,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             request.request_id = f"say-{next(self._ids)}"
         engine_id = f"say{next(self._ids)}:{request.request_id}"
         try:
-            job = self._prepare(request, engine_id, context)
+            job = self._prepare(request, engine_id, context, caller(context))
             [result] = await self._admit([job])
             if isinstance(result, RequestError):
                 raise result
@@ -263,14 +275,19 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     async def Session(self, request_iterator: AsyncIterator[pb.Tick],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         prefix = f"s{next(self._ids)}:"
+        who = caller(context)
         out: asyncio.Queue[pb.Event | None] = asyncio.Queue()   # None only wakes the loop up
         live: dict[str, asyncio.Task | None] = {}                 # client request id -> pump (None: admitting)
         reader_done = False
 
         async def pump(job: _Job, stream: AsyncIterator) -> None:
+            stalled = False
             try:
                 async for event in self._events(job, stream):
                     out.put_nowait(event)
+                    if not stalled and out.qsize() > UNREAD_EVENTS_MAX:  # the session's reader stopped
+                        stalled = True
+                        self._unread(job)
             except Exception as exc:  # a bug in one request's stream must not end the others
                 self._log.exception("request failed", id=job.client_id, persona=job.persona)
                 out.put_nowait(internal(exc, "while streaming").event(job.client_id))
@@ -296,7 +313,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         out.put_nowait(pb.Event(request_id=req.request_id,
                                                 duplicate=pb.Duplicate(message=refused.message)))
                         continue
-                    jobs.append(self._prepare(req, prefix + req.request_id, None))
+                    jobs.append(self._prepare(req, prefix + req.request_id, None, who))
                 except RequestError as exc:
                     out.put_nowait(self._rejected(exc, req).event(req.request_id))
                 except Exception as exc:  # one broken request must not end the session
@@ -425,6 +442,13 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         self._closing = True
         for wake in list(self._wakeups):
             wake()
+
+
+def caller(context: grpc.aio.ServicerContext) -> str:
+    """Who a call comes from, for fair shares: the client's `x-npcd-client` metadata (one game with several
+    connections, or several games behind one proxy), else its connection."""
+    named = dict(context.invocation_metadata() or ()).get(CLIENT_KEY)
+    return f"client:{named[:128]}" if named else context.peer()
 
 
 async def start_server(servicer: NpcdServicer,

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono")
-FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure")
+FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large")
 TOKEN = "npcd-test-token-8f3a"
 LORA_PERSONAS = ("elf", "guard", "merchant")
 # What the structured flow's persona may feel and do (the flows check the events, not the choice).

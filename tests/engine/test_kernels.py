@@ -137,3 +137,21 @@ def test_dense_reference_agrees_with_f_linear_for_fp32_mode():
     w = torch.randn(16, 64)
     x = torch.randn(3, 64)
     assert torch.equal(WeightFactory("fp32", torch.device("cpu")).projection(w)(x), F.linear(x, w))
+
+
+def test_a_stale_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
+    """A build killed midway leaves torch's lock file; without this every later start would wait on it forever."""
+    import os
+    import time
+
+    from npcd.engine.kernels import BUILD_LOCK_STALE_S, _clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _clear_stale_lock(lock)
+    assert lock.exists()  # a build may be running right now
+    old = time.time() - BUILD_LOCK_STALE_S - 1
+    os.utime(lock, (old, old))
+    _clear_stale_lock(lock)
+    assert not lock.exists()
+    _clear_stale_lock(lock)  # no lock: nothing to do

@@ -155,3 +155,27 @@ def test_a_session_survives_undecodable_ticks(served):
     errors = [e.error for e in events if e.HasField("error")]
     assert len(errors) == 2 and all(e.status == "INVALID_ARGUMENT" and "npcd.v1.Tick" in e.message for e in errors)
     assert events[-1].request_id == "after" and events[-1].HasField("finished")
+
+
+def test_a_stream_nobody_reads_is_cancelled_past_the_unread_bound(tiny_config, monkeypatch):
+    from npcd.engine import async_engine
+    from npcd.engine.api import Finished, FinishReason
+
+    bound = 64  # the shipped bound is 512 events; the mechanism is the same
+    monkeypatch.setattr(async_engine, "UNREAD_EVENTS_MAX", bound)
+    backend = AsyncEngine(tiny_config)
+    backend.start()
+    overflowed = []
+
+    async def main() -> Finished:
+        stream = backend.submit(GenerationRequest("r", [1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True)))
+        stream.on_overflow = lambda: (overflowed.append(True), backend.cancel("r"))
+        while not overflowed:  # nobody reads: events pile up until the bound
+            await asyncio.sleep(0.01)
+        events = [event async for event in stream]
+        return events[-1]
+    try:
+        last = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        backend.shutdown(grace_s=0)
+    assert last.reason is FinishReason.CANCELLED and bound <= last.completion_tokens < 400

@@ -26,7 +26,7 @@ NPCD_SAMPLES = {
     "npcd_adapters_resident", "npcd_adapters_known", "npcd_tokens_per_second",
     "npcd_tokens_generated_total", "npcd_prompt_tokens_total", "npcd_prefix_cache_hits_total",
     "npcd_prefix_cache_misses_total", "npcd_engine_steps_total", "npcd_engine_step_failures_total",
-    "npcd_requests_finished_total", "npcd_requests_rejected_total",
+    "npcd_requests_finished_total", "npcd_requests_rejected_total", "npcd_lines_unread_cancelled_total",
     *(f"npcd_{h}_seconds_{part}" for h in ("time_to_first_token", "inter_token") for part in ("bucket", "sum", "count")),
     "npcd_engine_info",
 }

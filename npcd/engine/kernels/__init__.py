@@ -56,6 +56,21 @@ def why_unavailable() -> str | None:
     return None
 
 
+# torch's extension loader serialises builds with a lock file and waits for it without end; a process killed
+# mid-build (a game closing the daemon during its first start) leaves the file behind, and every later start
+# would hang. A build takes ~45 s on a 2-core machine, so a lock this old has no builder.
+BUILD_LOCK_STALE_S = 600
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > BUILD_LOCK_STALE_S:
+        lock.unlink(missing_ok=True)
+
+
 @cache
 def load_cpu_kernels() -> LoadedKernel | None:
     """The compiled extension, or None where `why_unavailable()` says why not."""
@@ -72,6 +87,7 @@ def load_cpu_kernels() -> LoadedKernel | None:
     tag = "-".join(f.removeprefix("-m") for f in flags)
     build_dir = cache_root() / "kernels" / f"{tag}-{digest}-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir / "lock")
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
     try:
