@@ -14,21 +14,22 @@ skipped, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
-from npcd.service.config import DaemonConfig
 from server_helpers import serve_argv, serve_env, spawn_daemon, write_persona
 
 pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono")
+TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono", "openssl")
 FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large")
 TOKEN = "npcd-test-token-8f3a"
 LORA_PERSONAS = ("elf", "guard", "merchant")
@@ -94,11 +95,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def daemon(daemon_files, tmp_path_factory):
-    """`npcd serve` on a free loopback port; yields its address once it listens."""
-    personas, engine, _ = daemon_files
-    proc, address, _ = spawn_daemon(personas, engine, tmp_path_factory.mktemp("cwd"))
+@contextlib.contextmanager
+def serving(personas: Path, engine: Path, cwd: Path) -> Iterator[str]:
+    """`npcd serve` on a free loopback port (its settings from cwd's npcd.yaml, if any): its address, then
+    it is stopped."""
+    proc, address, _ = spawn_daemon(personas, engine, cwd)
     try:
         yield address
     finally:
@@ -108,6 +109,14 @@ def daemon(daemon_files, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_files, tmp_path_factory):
+    """`npcd serve` on a free loopback port; yields its address once it listens."""
+    personas, engine, _ = daemon_files
+    with serving(personas, engine, tmp_path_factory.mktemp("cwd")) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -116,16 +125,8 @@ def busy_daemon(daemon_files, tmp_path_factory):
     personas, engine, _ = daemon_files
     busy_engine = engine.parent / "engine-busy.yaml"
     busy_engine.write_text(engine.read_text() + "max_queue: 1\n")
-    proc, address, _ = spawn_daemon(personas, busy_engine, tmp_path_factory.mktemp("busy-cwd"))
-    try:
+    with serving(personas, busy_engine, tmp_path_factory.mktemp("busy-cwd")) as address:
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -149,25 +150,14 @@ def _make_certificates(d: Path) -> None:
 @pytest.fixture(scope="module")
 def secure_daemon(daemon_files, tmp_path_factory):
     """A daemon serving mutual TLS and requiring TOKEN, configured by the npcd.yaml in its working directory.
-    Yields (address, certificate directory), or None while the daemon has no token setting yet."""
-    if "token" not in DaemonConfig.__dataclass_fields__ or shutil.which("openssl") is None:
-        yield None
-        return
+    Yields (address, certificate directory)."""
     personas, engine, _ = daemon_files
     cwd = tmp_path_factory.mktemp("secure-cwd")
     _make_certificates(cwd)
     (cwd / "npcd.yaml").write_text(f"token: {TOKEN}\ntls_cert: {cwd / 'server.pem'}\ntls_key: {cwd / 'server.key'}\n"
                                    f"tls_client_ca: {cwd / 'ca.pem'}\n")
-    proc, address, _ = spawn_daemon(personas, engine, cwd)
-    try:
+    with serving(personas, engine, cwd) as address:
         yield address, cwd
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -189,16 +179,10 @@ def test_env(clients_build, daemon, busy_daemon, secure_daemon, daemon_files, re
         NPCD_TEST_DAEMON_CMD=shlex.join(serve_argv(personas, engine, restart_addr)) + f" 2>>{shlex.quote(str(restart_log))}",
         LD_LIBRARY_PATH=str(clients_build / "native"),
     )
-    if secure_daemon is not None:
-        address, certs = secure_daemon
-        env.update(NPCD_TEST_SECURE_ADDR=address, NPCD_TEST_TOKEN=TOKEN, NPCD_TEST_CA_PEM=str(certs / "ca.pem"),
-                   NPCD_TEST_CLIENT_CERT=str(certs / "client.pem"), NPCD_TEST_CLIENT_KEY=str(certs / "client.key"))
+    address, certs = secure_daemon
+    env.update(NPCD_TEST_SECURE_ADDR=address, NPCD_TEST_TOKEN=TOKEN, NPCD_TEST_CA_PEM=str(certs / "ca.pem"),
+               NPCD_TEST_CLIENT_CERT=str(certs / "client.pem"), NPCD_TEST_CLIENT_KEY=str(certs / "client.key"))
     return env
-
-
-def _flows(test_env: dict[str, str]) -> tuple[str, ...]:
-    """The flows this daemon can run: secure needs the daemon's token and TLS settings."""
-    return FLOWS if "NPCD_TEST_SECURE_ADDR" in test_env else tuple(f for f in FLOWS if f != "secure")
 
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path, restart_log: Path) -> str:
@@ -212,17 +196,13 @@ def _run(argv: list[str], env: dict[str, str], cwd: Path, restart_log: Path) -> 
 
 def test_ctest_flows_pass_against_the_daemon(clients_build, test_env, restart_log):
     native = clients_build / "native"
-    flows = _flows(test_env)
-    exclude = ["-E", "^secure$"] if "secure" not in flows else []
-    output = _run(["ctest", "--output-on-failure", "--timeout", "300", *exclude], test_env, native, restart_log)
-    assert "100% tests passed" in output and f"out of {len(flows)}" in output, output
+    output = _run(["ctest", "--output-on-failure", "--timeout", "300"], test_env, native, restart_log)
+    assert "100% tests passed" in output and f"out of {len(FLOWS)}" in output, output
     assert "Skipped" not in output and "Not Run" not in output, output
 
 
 @pytest.mark.parametrize("flow", FLOWS)
 def test_csharp_flow_passes_against_the_daemon(clients_build, test_env, restart_log, flow):
-    if flow not in _flows(test_env):
-        pytest.skip("the daemon has no token / TLS settings yet")
     csharp = clients_build / "csharp"
     output = _run(["mono", "ClientTest.exe", flow], test_env, csharp, restart_log)
     assert output.startswith(f"{flow}:"), output
