@@ -208,14 +208,19 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     async def _account_abandoned(self, job: _Job, stream: AsyncIterator) -> None:
         """A line whose reader left (a cancelled or disconnected Say) ends like every other: one log line and
         one counted outcome, from the engine's Finished{CANCELLED}, which comes within a step of the cancel."""
-        try:
-            async with asyncio.timeout(ABANDONED_FINISH_S):
-                async for event in stream:
-                    if isinstance(event, Finished):
-                        self._account(job, event)
-                        return
-        except TimeoutError:
+        async def finished() -> Finished | None:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    return event
+            return None
+        try:  # wait_for, not asyncio.timeout: the package supports Python 3.10
+            event = await asyncio.wait_for(finished(), ABANDONED_FINISH_S)
+        except asyncio.TimeoutError:
+            event = None
+        if event is None:
             self._log.warning("no Finished for a line whose client left", id=job.client_id, persona=job.persona)
+        else:
+            self._account(job, event)
 
     def _unread(self, job: _Job) -> None:
         """Its reader stopped reading: cancel the line (its Finished{CANCELLED} waits unread like the rest)."""
