@@ -43,19 +43,23 @@ class Postprocessor:
             if seq.grammar is not None:
                 if self._structured(seq, tok):
                     finished.append((seq, FinishReason.STOP))
-                elif len(seq.generated) >= seq.token_budget or seq.length >= self.max_seq_len:
+                elif self._out_of_room(seq):
                     finished.append((seq, FinishReason.LENGTH))
                 continue
             delta, stopped = seq.detok.push(tok)
             if stopped:
                 self._send(seq, delta)
                 finished.append((seq, FinishReason.STOP))
-            elif len(seq.generated) >= seq.request.sampling.max_tokens or seq.length >= self.max_seq_len:
+            elif self._out_of_room(seq):
                 self._send(seq, delta + seq.detok.flush())
                 finished.append((seq, FinishReason.LENGTH))
             else:
                 self._send(seq, delta)
         return finished
+
+    def _out_of_room(self, seq: Sequence) -> bool:
+        """Its token budget is spent, or its KV slot is full: it ends with LENGTH."""
+        return len(seq.generated) >= seq.token_budget or seq.length >= self.max_seq_len
 
     def _structured(self, seq: Sequence, tok: int) -> bool:
         """Feeds a constrained row's token through its grammar and reply stream; True once the JSON is closed

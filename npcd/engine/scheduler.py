@@ -163,10 +163,10 @@ class Scheduler:
         by priority (a player line over an ambient one), or by fairness (a client under its share of the slots
         over one above it, at equal priority). The victim is the lowest priority, then the fewest tokens so far
         (the least lost), then the latest started."""
-        waiting = sorted(self.waiting.waiting(), key=lambda w: -w.priority)  # stable: arrival within a priority
         free = self._kv.slots - len(self.running)
-        if len(waiting) <= free:
+        if len(self.waiting) <= free:  # every step asks: answer from the counts before building any list
             return []
+        waiting = sorted(self.waiting.waiting(), key=lambda w: (-w.priority, w.arrival))  # the order admit takes
         share = self.fair_share()
         held = Counter(s.client for s in self.running)
         candidates = sorted(self.running, key=lambda s: (s.priority, len(s.generated), -s.scheduled_at))
