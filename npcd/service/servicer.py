@@ -104,8 +104,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     # --- admission ---------------------------------------------------------
 
-    def _prepare(self, req: pb.SayRequest, engine_id: str, context: grpc.aio.ServicerContext | None,
-                 caller: str) -> _Job:
+    def _prepare(self, req: pb.SayRequest, engine_id: str, remaining_s: float | None, caller: str) -> _Job:
         """Validated request -> engine request; holds a persona lease that `_events` releases."""
         if not self._accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "npcd is shutting down; no new requests")
@@ -122,9 +121,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             deadline = None
             if req.deadline_ms:
                 deadline = time.monotonic() + req.deadline_ms / 1000.0
-            remaining = context.time_remaining() if context is not None else None
-            if remaining is not None:  # no point generating past the client's own gRPC deadline
-                deadline = min(deadline or math.inf, time.monotonic() + remaining)
+            if remaining_s is not None:  # no point generating past the client's own deadline
+                deadline = min(deadline or math.inf, time.monotonic() + remaining_s)
             request = GenerationRequest(
                 request_id=engine_id, prompt_ids=prompt.ids,
                 sampling=sampling_for(persona, req.sampling, self._limits),
@@ -165,7 +163,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             out.append(result)
         return out
 
-    def _rejected(self, exc: RequestError, req: pb.SayRequest | _Job) -> RequestError:
+    def rejected(self, exc: RequestError, req: pb.SayRequest | _Job) -> RequestError:
         """Counts and logs a refusal (the one log line such a request gets)."""
         self._metrics.request_rejected(exc.code.name)
         request_id = req.client_id if isinstance(req, _Job) else req.request_id
@@ -254,25 +252,32 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     # --- Say -----------------------------------------------------------------
 
-    async def Say(self, request: pb.SayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
+    async def open_line(self, request: pb.SayRequest, who: str,
+                        remaining_s: float | None = None) -> AsyncIterator[pb.Event]:
+        """One line on its own (Say, and the HTTP door): admitted now, or RequestError naming what is wrong.
+        Returns the line's wire events; closing the iterator early cancels the line."""
         if not request.request_id:
             request.request_id = f"say-{next(self._ids)}"
         engine_id = f"say{next(self._ids)}:{request.request_id}"
+        job = self._prepare(request, engine_id, remaining_s, who)
+        [result] = await self._admit([job])
+        if isinstance(result, RequestError):
+            raise result
+        return self._events(job, result)
+
+    async def Say(self, request: pb.SayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         try:
-            job = self._prepare(request, engine_id, context, caller(context))
-            [result] = await self._admit([job])
-            if isinstance(result, RequestError):
-                raise result
+            events = await self.open_line(request, caller(context), context.time_remaining())
         except RequestError as exc:
             context.set_trailing_metadata(exc.trailers())
-            await context.abort(exc.code, self._rejected(exc, request).message)
+            await context.abort(exc.code, self.rejected(exc, request).message)
             return
         except Exception as exc:  # a bug in one request must not look like a transport error
             self._log.exception("request failed", id=request.request_id, persona=request.persona)
-            error = self._rejected(internal(exc), request)
+            error = self.rejected(internal(exc), request)
             await context.abort(error.code, error.message)
             return
-        async for event in self._events(job, result):
+        async for event in events:
             yield event
 
     # --- Session ---------------------------------------------------------------
@@ -312,7 +317,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         raise invalid("request_id", "required in a Session (events are tagged with it)")
                     if req.request_id in live or any(j.client_id == req.request_id for j in jobs):
                         # not an Error: a client that treats Error as the end of that id would lose the line
-                        refused = self._rejected(RequestError(grpc.StatusCode.ALREADY_EXISTS, (
+                        refused = self.rejected(RequestError(grpc.StatusCode.ALREADY_EXISTS, (
                             f"request_id: {req.request_id!r} is already running in this session; this request "
                             f"was refused and that line goes on")), req)
                         out.put_nowait(pb.Event(request_id=req.request_id,
@@ -320,16 +325,16 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         continue
                     jobs.append(self._prepare(req, prefix + req.request_id, None, who))
                 except RequestError as exc:
-                    out.put_nowait(self._rejected(exc, req).event(req.request_id))
+                    out.put_nowait(self.rejected(exc, req).event(req.request_id))
                 except Exception as exc:  # one broken request must not end the session
                     self._log.exception("request failed", id=req.request_id, persona=req.persona)
-                    out.put_nowait(self._rejected(internal(exc), req).event(req.request_id))
+                    out.put_nowait(self.rejected(internal(exc), req).event(req.request_id))
             for job in jobs:  # reserve the ids while admission waits for the window
                 live[job.client_id] = None
             for job, result in zip(jobs, await self._admit(jobs)):
                 if isinstance(result, RequestError):
                     live.pop(job.client_id, None)
-                    out.put_nowait(self._rejected(result, job).event(job.client_id))
+                    out.put_nowait(self.rejected(result, job).event(job.client_id))
                 else:
                     task = asyncio.create_task(pump(job, result))
                     self._track(task)

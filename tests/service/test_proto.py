@@ -42,4 +42,6 @@ def test_grpc_stub_has_every_method_of_the_service():
     source = Path(npcd_pb2_grpc.__file__).read_text()
     for method in service.methods:
         assert f"'/npcd.v1.Npcd/{method.name}'" in source, f"npcd_pb2_grpc lacks {method.name}: run `make proto`"
-    assert [m.name for m in service.methods] == ["Say", "Session", "ListPersonas", "GetPersona", "ReloadPersonas"]
+    assert [m.name for m in service.methods] == [
+        "Say", "Session", "ListPersonas", "GetPersona", "ReloadPersonas", "GetConversation", "ListConversations",
+        "AddTurns", "SetConversation", "ResetConversation", "ExportConversations", "ImportConversations"]

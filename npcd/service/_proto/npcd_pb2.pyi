@@ -14,6 +14,12 @@ class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRIORITY_AMBIENT: _ClassVar[Priority]
     PRIORITY_PLAYER: _ClassVar[Priority]
 
+class Segmentation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEGMENTATION_NONE: _ClassVar[Segmentation]
+    SEGMENTATION_SENTENCE: _ClassVar[Segmentation]
+    SEGMENTATION_CLAUSE: _ClassVar[Segmentation]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -33,6 +39,9 @@ class LoadStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_AMBIENT: Priority
 PRIORITY_PLAYER: Priority
+SEGMENTATION_NONE: Segmentation
+SEGMENTATION_SENTENCE: Segmentation
+SEGMENTATION_CLAUSE: Segmentation
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -72,7 +81,7 @@ class SamplingOverrides(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SayRequest(_message.Message):
-    __slots__ = ("request_id", "persona", "npc_id", "speaker", "line", "history", "context", "sampling", "priority", "deadline_ms", "structured", "actions", "response_format")
+    __slots__ = ("request_id", "persona", "npc_id", "speaker", "line", "history", "context", "sampling", "priority", "deadline_ms", "structured", "actions", "response_format", "conversation", "segmentation")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +102,8 @@ class SayRequest(_message.Message):
     STRUCTURED_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     persona: str
     npc_id: str
@@ -106,7 +117,9 @@ class SayRequest(_message.Message):
     structured: bool
     actions: _containers.RepeatedCompositeFieldContainer[ActionSpec]
     response_format: str
-    def __init__(self, request_id: _Optional[str] = ..., persona: _Optional[str] = ..., npc_id: _Optional[str] = ..., speaker: _Optional[str] = ..., line: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., deadline_ms: _Optional[int] = ..., structured: _Optional[bool] = ..., actions: _Optional[_Iterable[_Union[ActionSpec, _Mapping]]] = ..., response_format: _Optional[str] = ...) -> None: ...
+    conversation: str
+    segmentation: Segmentation
+    def __init__(self, request_id: _Optional[str] = ..., persona: _Optional[str] = ..., npc_id: _Optional[str] = ..., speaker: _Optional[str] = ..., line: _Optional[str] = ..., history: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., context: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., deadline_ms: _Optional[int] = ..., structured: _Optional[bool] = ..., actions: _Optional[_Iterable[_Union[ActionSpec, _Mapping]]] = ..., response_format: _Optional[str] = ..., conversation: _Optional[str] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ...) -> None: ...
 
 class ActionSpec(_message.Message):
     __slots__ = ("name", "description", "args_schema_json")
@@ -135,7 +148,7 @@ class Tick(_message.Message):
     def __init__(self, tick: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[SayRequest, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[Cancel, _Mapping]]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("request_id", "started", "delta", "finished", "error", "action", "emotion", "duplicate")
+    __slots__ = ("request_id", "started", "delta", "finished", "error", "action", "emotion", "duplicate", "sentence")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +157,7 @@ class Event(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started: Started
     delta: TextDelta
@@ -152,7 +166,16 @@ class Event(_message.Message):
     action: Action
     emotion: Emotion
     duplicate: Duplicate
-    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., duplicate: _Optional[_Union[Duplicate, _Mapping]] = ...) -> None: ...
+    sentence: Sentence
+    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., duplicate: _Optional[_Union[Duplicate, _Mapping]] = ..., sentence: _Optional[_Union[Sentence, _Mapping]] = ...) -> None: ...
+
+class Sentence(_message.Message):
+    __slots__ = ("index", "text")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Duplicate(_message.Message):
     __slots__ = ("message",)
@@ -197,7 +220,7 @@ class Timings(_message.Message):
     def __init__(self, queued_ms: _Optional[float] = ..., first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "text", "prompt_tokens", "completion_tokens", "timings", "json", "action", "emotion")
+    __slots__ = ("reason", "text", "prompt_tokens", "completion_tokens", "timings", "json", "action", "emotion", "cached_prompt_tokens", "history_turns")
     REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +229,8 @@ class Finished(_message.Message):
     JSON_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EMOTION_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TURNS_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     text: str
     prompt_tokens: int
@@ -214,7 +239,9 @@ class Finished(_message.Message):
     json: str
     action: Action
     emotion: Emotion
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., json: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    history_turns: int
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., json: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., emotion: _Optional[_Union[Emotion, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., history_turns: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "status", "message", "retry_after_ms")
@@ -289,3 +316,95 @@ class ReloadPersonasResponse(_message.Message):
     personas: _containers.RepeatedCompositeFieldContainer[Persona]
     errors: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, personas: _Optional[_Iterable[_Union[Persona, _Mapping]]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ConversationRef(_message.Message):
+    __slots__ = ("conversation", "persona")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    persona: str
+    def __init__(self, conversation: _Optional[str] = ..., persona: _Optional[str] = ...) -> None: ...
+
+class ConversationTurn(_message.Message):
+    __slots__ = ("speaker", "text", "npc")
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    NPC_FIELD_NUMBER: _ClassVar[int]
+    speaker: str
+    text: str
+    npc: bool
+    def __init__(self, speaker: _Optional[str] = ..., text: _Optional[str] = ..., npc: _Optional[bool] = ...) -> None: ...
+
+class Conversation(_message.Message):
+    __slots__ = ("conversation", "persona", "turns", "summary", "summarized_turns")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIZED_TURNS_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    persona: str
+    turns: _containers.RepeatedCompositeFieldContainer[ConversationTurn]
+    summary: str
+    summarized_turns: int
+    def __init__(self, conversation: _Optional[str] = ..., persona: _Optional[str] = ..., turns: _Optional[_Iterable[_Union[ConversationTurn, _Mapping]]] = ..., summary: _Optional[str] = ..., summarized_turns: _Optional[int] = ...) -> None: ...
+
+class ListConversationsRequest(_message.Message):
+    __slots__ = ("persona",)
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    persona: str
+    def __init__(self, persona: _Optional[str] = ...) -> None: ...
+
+class ConversationInfo(_message.Message):
+    __slots__ = ("conversation", "persona", "turns", "updated_unix_s")
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    conversation: str
+    persona: str
+    turns: int
+    updated_unix_s: float
+    def __init__(self, conversation: _Optional[str] = ..., persona: _Optional[str] = ..., turns: _Optional[int] = ..., updated_unix_s: _Optional[float] = ...) -> None: ...
+
+class ListConversationsResponse(_message.Message):
+    __slots__ = ("conversations",)
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    conversations: _containers.RepeatedCompositeFieldContainer[ConversationInfo]
+    def __init__(self, conversations: _Optional[_Iterable[_Union[ConversationInfo, _Mapping]]] = ...) -> None: ...
+
+class AddTurnsRequest(_message.Message):
+    __slots__ = ("ref", "turns")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    ref: ConversationRef
+    turns: _containers.RepeatedCompositeFieldContainer[ConversationTurn]
+    def __init__(self, ref: _Optional[_Union[ConversationRef, _Mapping]] = ..., turns: _Optional[_Iterable[_Union[ConversationTurn, _Mapping]]] = ...) -> None: ...
+
+class ExportConversationsRequest(_message.Message):
+    __slots__ = ("persona",)
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    persona: str
+    def __init__(self, persona: _Optional[str] = ...) -> None: ...
+
+class ConversationsBlob(_message.Message):
+    __slots__ = ("data", "conversations")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    conversations: int
+    def __init__(self, data: _Optional[bytes] = ..., conversations: _Optional[int] = ...) -> None: ...
+
+class ImportConversationsRequest(_message.Message):
+    __slots__ = ("data", "replace")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    replace: bool
+    def __init__(self, data: _Optional[bytes] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class ImportConversationsResponse(_message.Message):
+    __slots__ = ("conversations",)
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    conversations: int
+    def __init__(self, conversations: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,41 @@ class NpcdStub:
                 request_serializer=npcd_dot_v1_dot_npcd__pb2.ReloadPersonasRequest.SerializeToString,
                 response_deserializer=npcd_dot_v1_dot_npcd__pb2.ReloadPersonasResponse.FromString,
                 _registered_method=True)
+        self.GetConversation = channel.unary_unary(
+                '/npcd.v1.Npcd/GetConversation',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.ConversationRef.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.ListConversations = channel.unary_unary(
+                '/npcd.v1.Npcd/ListConversations',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.ListConversationsRequest.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.ListConversationsResponse.FromString,
+                _registered_method=True)
+        self.AddTurns = channel.unary_unary(
+                '/npcd.v1.Npcd/AddTurns',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.AddTurnsRequest.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.SetConversation = channel.unary_unary(
+                '/npcd.v1.Npcd/SetConversation',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.ResetConversation = channel.unary_unary(
+                '/npcd.v1.Npcd/ResetConversation',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.ConversationRef.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+                _registered_method=True)
+        self.ExportConversations = channel.unary_unary(
+                '/npcd.v1.Npcd/ExportConversations',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.ExportConversationsRequest.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.ConversationsBlob.FromString,
+                _registered_method=True)
+        self.ImportConversations = channel.unary_unary(
+                '/npcd.v1.Npcd/ImportConversations',
+                request_serializer=npcd_dot_v1_dot_npcd__pb2.ImportConversationsRequest.SerializeToString,
+                response_deserializer=npcd_dot_v1_dot_npcd__pb2.ImportConversationsResponse.FromString,
+                _registered_method=True)
 
 
 class NpcdServicer:
@@ -100,6 +135,53 @@ class NpcdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConversation(self, request, context):
+        """Conversations the daemon keeps for the game (SayRequest.conversation), per client (its x-npcd-client
+        metadata), conversation id and persona. Kept in SQLite beside npcd.yaml: they survive a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConversations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddTurns(self, request, context):
+        """Lines said near the NPC that it did not answer (other NPCs, the player to someone else), appended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConversation(self, request, context):
+        """Replaces a conversation's turns and summary with the given ones (an edit); empty turns and summary reset it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetConversation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportConversations(self, request, context):
+        """What every NPC remembers, as one blob for the game's own save file; Import restores it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportConversations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NpcdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +209,41 @@ def add_NpcdServicer_to_server(servicer, server):
                     servicer.ReloadPersonas,
                     request_deserializer=npcd_dot_v1_dot_npcd__pb2.ReloadPersonasRequest.FromString,
                     response_serializer=npcd_dot_v1_dot_npcd__pb2.ReloadPersonasResponse.SerializeToString,
+            ),
+            'GetConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConversation,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.ConversationRef.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+            ),
+            'ListConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConversations,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.ListConversationsRequest.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.ListConversationsResponse.SerializeToString,
+            ),
+            'AddTurns': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTurns,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.AddTurnsRequest.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+            ),
+            'SetConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConversation,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+            ),
+            'ResetConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetConversation,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.ConversationRef.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+            ),
+            'ExportConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportConversations,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.ExportConversationsRequest.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.ConversationsBlob.SerializeToString,
+            ),
+            'ImportConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportConversations,
+                    request_deserializer=npcd_dot_v1_dot_npcd__pb2.ImportConversationsRequest.FromString,
+                    response_serializer=npcd_dot_v1_dot_npcd__pb2.ImportConversationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +381,195 @@ class Npcd:
             '/npcd.v1.Npcd/ReloadPersonas',
             npcd_dot_v1_dot_npcd__pb2.ReloadPersonasRequest.SerializeToString,
             npcd_dot_v1_dot_npcd__pb2.ReloadPersonasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/GetConversation',
+            npcd_dot_v1_dot_npcd__pb2.ConversationRef.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/ListConversations',
+            npcd_dot_v1_dot_npcd__pb2.ListConversationsRequest.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.ListConversationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/AddTurns',
+            npcd_dot_v1_dot_npcd__pb2.AddTurnsRequest.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/SetConversation',
+            npcd_dot_v1_dot_npcd__pb2.Conversation.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/ResetConversation',
+            npcd_dot_v1_dot_npcd__pb2.ConversationRef.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/ExportConversations',
+            npcd_dot_v1_dot_npcd__pb2.ExportConversationsRequest.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.ConversationsBlob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/npcd.v1.Npcd/ImportConversations',
+            npcd_dot_v1_dot_npcd__pb2.ImportConversationsRequest.SerializeToString,
+            npcd_dot_v1_dot_npcd__pb2.ImportConversationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
