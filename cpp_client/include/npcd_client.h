@@ -11,8 +11,8 @@
  * NPCD_MAX_REQUEST_BYTES is split across several Ticks, in order.
  *
  * Every request ends with exactly one terminal event: FINISHED or ERROR.
- * STARTED, TEXT_DELTA, EMOTION and ACTION events come before it; nothing
- * comes after it.
+ * STARTED, TEXT_DELTA, EMOTION, ACTION and SENTENCE events come before it;
+ * nothing comes after it.
  * A request in flight when the connection drops ends with ERROR 14
  * (UNAVAILABLE); so does a request flushed while the client is
  * DISCONNECTED (it was connected and lost the connection). A request
@@ -86,7 +86,13 @@ typedef enum npcd_event_kind {
      * events go on and its terminal event still comes. The client already refuses
      * an id that is pending or in flight (NPCD_ERR_DUPLICATE_ID), so this is rare
      * (e.g. two processes sharing one id space on one session). */
-    NPCD_EVENT_DUPLICATE = 7
+    NPCD_EVENT_DUPLICATE = 7,
+    /* Lines with a segmentation (npcd_request_set_segmentation): a sentence (or
+     * clause) of the line, complete, for text-to-speech: text, sentence_index.
+     * Each comes right after the TEXT_DELTA that completed it, the last one
+     * right before FINISHED; their texts, in index order, add up to FINISHED's
+     * text exactly (spaces included; a piece ends with the spaces after it). */
+    NPCD_EVENT_SENTENCE = 8
 } npcd_event_kind;
 
 /* The same numbers as npcd.v1.FinishReason. */
@@ -105,6 +111,13 @@ typedef enum npcd_priority {
     NPCD_PRIORITY_PLAYER = 2
 } npcd_priority;
 
+/* The same numbers as npcd.v1.Segmentation: which SENTENCE events a line sends. */
+typedef enum npcd_segmentation {
+    NPCD_SEGMENTATION_NONE = 0,     /* none (the default) */
+    NPCD_SEGMENTATION_SENTENCE = 1, /* one per sentence (. ! ? and their CJK, Arabic, Hindi kin) */
+    NPCD_SEGMENTATION_CLAUSE = 2    /* also at clause marks (, ; : and kin): shorter pieces, an earlier first one */
+} npcd_segmentation;
+
 typedef enum npcd_connection_state {
     /* It was connected and lost the connection; reconnecting with backoff.
      * Requests flushed now end with ERROR 14 (UNAVAILABLE) at once. */
@@ -121,12 +134,13 @@ typedef enum npcd_connection_state {
  * ever NULL: a field an event does not carry is "".
  *
  * The fields after total_ms came with structured output, retry_after_ms
- * after them; new fields are only ever appended, so the offsets of the
- * earlier ones stay.
+ * after them, then sentence_index, cached_prompt_tokens and history_turns;
+ * new fields are only ever appended, so the offsets of the earlier ones stay.
  */
 typedef struct npcd_event {
     const char *request_id;
-    const char *text;         /* TEXT_DELTA: the new text; FINISHED: the whole line; ERROR: the message */
+    const char *text;         /* TEXT_DELTA: the new text; SENTENCE: the sentence; FINISHED: the whole line;
+                                 ERROR, DUPLICATE: the message */
     const char *error_status; /* ERROR: the status name, e.g. "UNAVAILABLE"; otherwise "" */
     int32_t kind;             /* npcd_event_kind */
     int32_t finish_reason;    /* FINISHED: npcd_finish_reason */
@@ -145,6 +159,11 @@ typedef struct npcd_event {
     const char *emotion;          /* EMOTION: the label; FINISHED: the same, "" when the reply has none */
     uint32_t retry_after_ms;      /* ERROR 8 (RESOURCE_EXHAUSTED): the daemon's estimate of when to try
                                      again, in ms; 0 otherwise */
+    uint32_t sentence_index;      /* SENTENCE: 0, 1, 2 ... within the line; otherwise 0 */
+    uint32_t cached_prompt_tokens; /* FINISHED: prompt tokens whose keys and values the daemon reused (the
+                                      persona's prompt, the conversation so far) */
+    uint32_t history_turns;       /* FINISHED: earlier turns the prompt held (the conversation's or the
+                                     request's history, after the persona's prompt budget) */
 } npcd_event;
 
 /*
@@ -253,6 +272,14 @@ NPCD_API npcd_status npcd_request_add_history(npcd_request *request, const char 
 NPCD_API npcd_status npcd_request_set_context(npcd_request *request, const char *key,
                                               const char *value);
 NPCD_API npcd_status npcd_request_set_priority(npcd_request *request, int32_t priority);
+/* npcd_segmentation: SENTENCE events for text-to-speech; another value is
+ * NPCD_ERR_INVALID_ARGUMENT. */
+NPCD_API npcd_status npcd_request_set_segmentation(npcd_request *request, int32_t segmentation);
+/* The conversation this line belongs to (often the npc id): the daemon keeps its
+ * turns, puts the earlier ones in the prompt instead of the history (which then
+ * holds only lines said since) and appends this line and the reply when it
+ * finishes. "" clears it. */
+NPCD_API npcd_status npcd_request_set_conversation(npcd_request *request, const char *conversation);
 NPCD_API npcd_status npcd_request_set_deadline_ms(npcd_request *request, uint32_t deadline_ms);
 /* Sampling overrides; what is not set takes the persona's defaults. */
 NPCD_API npcd_status npcd_request_set_max_tokens(npcd_request *request, uint32_t max_tokens);

@@ -255,6 +255,9 @@ int32_t npcd_poll(npcd_client* client, npcd_event* events_out, int32_t max) {
         out.action_args_json = e.action_args_json.c_str();
         out.emotion = e.emotion.c_str();
         out.retry_after_ms = e.retry_after_ms;
+        out.sentence_index = e.sentence_index;
+        out.cached_prompt_tokens = e.cached_prompt_tokens;
+        out.history_turns = e.history_turns;
     }
     return n;
 }

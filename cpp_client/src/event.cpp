@@ -36,8 +36,15 @@ bool Event::from_wire(const v1::Event& wire, Event* out) {
                 e.action_args_json = f.action().args_json();
             }
             if (f.has_emotion()) e.emotion = f.emotion().label();
+            e.cached_prompt_tokens = f.cached_prompt_tokens();
+            e.history_turns = f.history_turns();
             break;
         }
+        case v1::Event::kSentence:
+            e.kind = NPCD_EVENT_SENTENCE;
+            e.sentence_index = wire.sentence().index();
+            e.text = wire.sentence().text();
+            break;
         case v1::Event::kAction:
             e.kind = NPCD_EVENT_ACTION;
             e.action_name = wire.action().name();

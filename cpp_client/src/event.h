@@ -26,6 +26,9 @@ struct Event {
     std::string action_args_json;
     std::string emotion;  // EMOTION, FINISHED
     uint32_t retry_after_ms = 0;  // ERROR (RESOURCE_EXHAUSTED)
+    uint32_t sentence_index = 0;  // SENTENCE (its text is in text)
+    uint32_t cached_prompt_tokens = 0;  // FINISHED
+    uint32_t history_turns = 0;
 
     bool terminal() const;
 

@@ -108,6 +108,19 @@ npcd_status npcd_request_set_priority(npcd_request* request, int32_t priority) {
     return NPCD_OK;
 }
 
+npcd_status npcd_request_set_segmentation(npcd_request* request, int32_t segmentation) {
+    if (request == nullptr || !npcd::v1::Segmentation_IsValid(segmentation)) return NPCD_ERR_INVALID_ARGUMENT;
+    request->message.set_segmentation(static_cast<npcd::v1::Segmentation>(segmentation));
+    return NPCD_OK;
+}
+
+npcd_status npcd_request_set_conversation(npcd_request* request, const char* conversation) {
+    if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
+    CHECK_STRING(conversation, false);
+    request->message.set_conversation(conversation);
+    return NPCD_OK;
+}
+
 npcd_status npcd_request_set_deadline_ms(npcd_request* request, uint32_t deadline_ms) {
     if (request == nullptr) return NPCD_ERR_INVALID_ARGUMENT;
     request->message.set_deadline_ms(deadline_ms);

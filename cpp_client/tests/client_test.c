@@ -89,6 +89,14 @@ typedef struct line {
     char finished_action_name[NAME_CAP];
     char finished_action_args[TEXT_CAP];
     char finished_emotion[NAME_CAP];
+    /* segmented lines (npcd_request_set_segmentation) */
+    int segmented;           /* set by the test: SENTENCE events are expected */
+    int sentences;           /* SENTENCE events */
+    size_t sentence_len;     /* of their texts together, each matched against the deltas (no copy: a
+                                bigger struct makes the flows' stack frames too big for memcheck) */
+    unsigned cached_prompt_tokens;  /* FINISHED */
+    unsigned prompt_tokens;
+    unsigned history_turns;
 } line;
 
 typedef struct lines {
@@ -137,6 +145,17 @@ static void on_event(lines *ls, const npcd_event *e) {
         copy_to(l->action_name, sizeof l->action_name, e->action_name);
         copy_to(l->action_args, sizeof l->action_args, e->action_args_json);
         break;
+    case NPCD_EVENT_SENTENCE:
+        CHECK(l->started, "SENTENCE before STARTED for %s", l->id);
+        CHECK(e->sentence_index == (unsigned)l->sentences, "%s: SENTENCE %u, want index %d", l->id,
+              e->sentence_index, l->sentences);
+        CHECK(e->text[0] != 0, "%s: an empty SENTENCE", l->id);
+        l->sentences++;
+        CHECK(strncmp(l->text + l->sentence_len, e->text, strlen(e->text)) == 0,
+              "%s: SENTENCE '%s' is not the next text of the deltas '%s' (after %zu bytes)", l->id, e->text,
+              l->text, l->sentence_len);
+        l->sentence_len += strlen(e->text);
+        break;
     case NPCD_EVENT_EMOTION:
         CHECK(l->started, "EMOTION before STARTED for %s", l->id);
         l->emotions++;
@@ -147,6 +166,9 @@ static void on_event(lines *ls, const npcd_event *e) {
         l->done = NPCD_EVENT_FINISHED;
         l->finish_reason = e->finish_reason;
         l->completion_tokens = e->completion_tokens;
+        l->prompt_tokens = e->prompt_tokens;
+        l->cached_prompt_tokens = e->cached_prompt_tokens;
+        l->history_turns = e->history_turns;
         append(l->finished, e->text);
         copy_to(l->json, sizeof l->json, e->json);
         copy_to(l->finished_action_name, sizeof l->finished_action_name, e->action_name);
@@ -205,6 +227,14 @@ static void expect_complete_line(const line *l) {
     CHECK(strcmp(l->text, l->finished) == 0, "%s: deltas '%s' != finished text '%s'", l->id,
           l->text, l->finished);
     CHECK(l->completion_tokens > 0, "%s: completion_tokens is 0", l->id);
+    CHECK(l->cached_prompt_tokens <= l->prompt_tokens, "%s: %u cached of %u prompt tokens", l->id,
+          l->cached_prompt_tokens, l->prompt_tokens);
+    if (l->segmented) /* each matched the deltas, which are the text: together they are the text */
+        CHECK(l->sentences > 0 && l->sentence_len == strlen(l->finished),
+              "%s: %d SENTENCE events cover %zu bytes of the finished text '%s'", l->id, l->sentences,
+              l->sentence_len, l->finished);
+    else
+        CHECK(l->sentences == 0, "%s: %d SENTENCE events without a segmentation", l->id, l->sentences);
 }
 
 /* A structured line: its say streamed as text, one EMOTION and one ACTION after some text,
@@ -298,7 +328,13 @@ static void test_stream(void) {
     CHECK(npcd_request_set_npc_id(r, "npc-1") == NPCD_OK, "set_npc_id");
     CHECK(npcd_request_set_priority(r, NPCD_PRIORITY_PLAYER) == NPCD_OK, "set_priority");
     CHECK(npcd_request_set_priority(r, 7) == NPCD_ERR_INVALID_ARGUMENT, "bad priority accepted");
+    CHECK(npcd_request_set_segmentation(r, 3) == NPCD_ERR_INVALID_ARGUMENT &&
+              npcd_request_set_segmentation(r, -1) == NPCD_ERR_INVALID_ARGUMENT &&
+              npcd_request_set_segmentation(NULL, NPCD_SEGMENTATION_SENTENCE) == NPCD_ERR_INVALID_ARGUMENT,
+          "a bad segmentation accepted");
+    CHECK(npcd_request_set_segmentation(r, NPCD_SEGMENTATION_SENTENCE) == NPCD_OK, "set_segmentation");
     line *one = submit(c, &ls, r);
+    one->segmented = 1;
     CHECK(npcd_submit(c, r) == NPCD_ERR_DUPLICATE_ID, "duplicate pending id accepted");
     npcd_request_free(r);
 
@@ -310,13 +346,15 @@ static void test_stream(void) {
 
     pump_all_done(c, &ls, 120);
     expect_complete_line(one);
+    CHECK(one->history_turns == 1, "%s: the prompt held %u earlier turns, want the 1 given", one->id,
+          one->history_turns);
     CHECK(dropped->done == NPCD_EVENT_FINISHED && dropped->finish_reason == NPCD_FINISH_CANCELLED &&
               !dropped->started && dropped->text[0] == 0,
           "a pending request cancelled locally must end FINISHED/CANCELLED without STARTED");
     CHECK(unknown->done == NPCD_EVENT_ERROR && unknown->error_code == 5,
           "unknown persona: want ERROR 5 (NOT_FOUND), got done=%d code=%d", unknown->done,
           unknown->error_code);
-    printf("stream: '%s' (%d deltas)\n", one->finished, one->deltas);
+    printf("stream: '%s' (%d deltas, %d sentences)\n", one->finished, one->deltas, one->sentences);
     npcd_client_free(c);
 }
 
@@ -379,7 +417,9 @@ static void test_structured(void) {
     CHECK(npcd_request_set_response_format(r, "\xff") == NPCD_ERR_INVALID_UTF8,
           "non-UTF-8 response format accepted");
     CHECK(npcd_request_set_structured(r, 1) == NPCD_OK, "set_structured");
+    CHECK(npcd_request_set_segmentation(r, NPCD_SEGMENTATION_CLAUSE) == NPCD_OK, "set_segmentation");
     line *persona_actions = submit(c, &ls, r); /* the refused calls above added nothing */
+    persona_actions->segmented = 1; /* sentences of the spoken line */
     npcd_request_free(r);
 
     /* The only action listed: the grammar forces it. No set_structured: a list implies it. */
@@ -697,6 +737,11 @@ static void test_offline(void) {
     CHECK(npcd_request_set_speaker(r, "\xed\xa0\x80") == NPCD_ERR_INVALID_UTF8, "surrogate speaker: want INVALID_UTF8");
     CHECK(npcd_request_set_context(r, "mood", "\xed\xb0\x80") == NPCD_ERR_INVALID_UTF8, "surrogate context");
     CHECK(npcd_request_add_history(r, "Player", "\xff") == NPCD_ERR_INVALID_UTF8, "bad history text");
+    CHECK(npcd_request_set_conversation(r, "\xed\xa0\x80") == NPCD_ERR_INVALID_UTF8, "surrogate conversation");
+    CHECK(npcd_request_set_conversation(r, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              npcd_request_set_conversation(NULL, "c") == NPCD_ERR_INVALID_ARGUMENT, "NULL conversation");
+    CHECK(npcd_request_set_conversation(r, "guard-1 talk") == NPCD_OK && npcd_request_set_conversation(r, "") == NPCD_OK,
+          "set_conversation");
     CHECK(npcd_request_set_speaker(r, NULL) == NPCD_ERR_INVALID_ARGUMENT, "NULL speaker");
     CHECK(npcd_check_utf8("a\0b", 3) == NPCD_ERR_EMBEDDED_NUL, "embedded NUL: want NPCD_ERR_EMBEDDED_NUL");
     CHECK(strstr(npcd_last_error(), "byte 1") != NULL, "last error '%s' does not say where", npcd_last_error());

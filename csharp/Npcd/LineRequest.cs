@@ -65,6 +65,14 @@ namespace Npcd
         /// in LineResult.Json (a top-level string "say" streams as text). Implies structured.</summary>
         public string ResponseFormat;
 
+        /// <summary>Sentence or Clause: the line raises SentenceReady for each complete sentence
+        /// (or clause) as the text streams, for text-to-speech.</summary>
+        public Segmentation Segmentation;
+        /// <summary>The conversation this line belongs to (often the NpcId): the daemon keeps its
+        /// turns and puts the earlier ones in the prompt instead of History (which then holds
+        /// only lines said since), and appends this line and the reply when it finishes.</summary>
+        public string Conversation;
+
         public LineRequest(string persona, string line)
         {
             Persona = persona;

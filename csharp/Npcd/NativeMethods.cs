@@ -33,6 +33,9 @@ namespace Npcd
             public IntPtr ActionArgsJson;
             public IntPtr Emotion;
             public uint RetryAfterMs;
+            public uint SentenceIndex;
+            public uint CachedPromptTokens;
+            public uint HistoryTurns;
         }
 
         // npcd_client_options field for field. StructSize is this struct's own size (the header's
@@ -62,6 +65,7 @@ namespace Npcd
         internal const int EventAction = 5;
         internal const int EventEmotion = 6;
         internal const int EventDuplicate = 7;
+        internal const int EventSentence = 8;
 
         // npcd_status
         internal const int StatusOk = 0;
@@ -84,6 +88,8 @@ namespace Npcd
         [DllImport(Lib)] internal static extern int npcd_request_add_history(IntPtr request, byte[] speaker, byte[] text);
         [DllImport(Lib)] internal static extern int npcd_request_set_context(IntPtr request, byte[] key, byte[] value);
         [DllImport(Lib)] internal static extern int npcd_request_set_priority(IntPtr request, int priority);
+        [DllImport(Lib)] internal static extern int npcd_request_set_segmentation(IntPtr request, int segmentation);
+        [DllImport(Lib)] internal static extern int npcd_request_set_conversation(IntPtr request, byte[] conversation);
         [DllImport(Lib)] internal static extern int npcd_request_set_deadline_ms(IntPtr request, uint deadlineMs);
         [DllImport(Lib)] internal static extern int npcd_request_set_max_tokens(IntPtr request, uint maxTokens);
         [DllImport(Lib)] internal static extern int npcd_request_set_temperature(IntPtr request, float temperature);

@@ -217,7 +217,7 @@ namespace Npcd
         {
             public string RequestId, Text, ErrorStatus, Json, ActionName, ActionArgsJson, Emotion;
             public int Kind, FinishReason, ErrorCode;
-            public uint PromptTokens, CompletionTokens, RetryAfterMs;
+            public uint PromptTokens, CompletionTokens, RetryAfterMs, SentenceIndex, CachedPromptTokens, HistoryTurns;
             public float QueuedMs, FirstTokenMs, TotalMs;
 
             public static PolledEvent From(ref NativeMethods.NativeEvent e)
@@ -237,6 +237,9 @@ namespace Npcd
                     PromptTokens = e.PromptTokens,
                     CompletionTokens = e.CompletionTokens,
                     RetryAfterMs = e.RetryAfterMs,
+                    SentenceIndex = e.SentenceIndex,
+                    CachedPromptTokens = e.CachedPromptTokens,
+                    HistoryTurns = e.HistoryTurns,
                     QueuedMs = e.QueuedMs,
                     FirstTokenMs = e.FirstTokenMs,
                     TotalMs = e.TotalMs,
@@ -262,6 +265,9 @@ namespace Npcd
                 case NativeMethods.EventEmotion:
                     line.OnEmotion(e.Emotion);
                     break;
+                case NativeMethods.EventSentence:
+                    line.OnSentence(new NpcdSentence((int)e.SentenceIndex, e.Text));
+                    break;
                 case NativeMethods.EventDuplicate:
                     line.OnDuplicate(e.Text);  // not an end: the line goes on
                     break;
@@ -271,7 +277,7 @@ namespace Npcd
                         null, (int)e.PromptTokens, (int)e.CompletionTokens, e.QueuedMs, e.FirstTokenMs, e.TotalMs,
                         e.Json,
                         e.ActionName.Length > 0 ? new NpcdAction(e.ActionName, e.ActionArgsJson) : null,
-                        e.Emotion.Length > 0 ? e.Emotion : null));
+                        e.Emotion.Length > 0 ? e.Emotion : null, (int)e.CachedPromptTokens, (int)e.HistoryTurns));
                     break;
                 case NativeMethods.EventError:
                     lines.Remove(line.Id);

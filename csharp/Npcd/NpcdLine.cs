@@ -6,7 +6,9 @@ namespace Npcd
     /// <summary>One requested line. Its events fire inside NpcdClient.Poll, on the thread
     /// that polls: Started, TextDelta*, then Finished or Failed. A structured line also
     /// raises EmotionChanged and ActionChosen (each at most once, after some text, before
-    /// Finished). Completion completes at the same time as Finished or Failed, never faults,
+    /// Finished); a line with a Segmentation raises SentenceReady for each complete sentence,
+    /// right after the TextDelta that completed it (the last one right before Finished), the
+    /// sentences adding up to the result's Text. Completion completes at the same time as Finished or Failed, never faults,
     /// and carries the same result.</summary>
     public sealed class NpcdLine
     {
@@ -30,6 +32,7 @@ namespace Npcd
         public event Action<NpcdLine, string> TextDelta;
         public event Action<NpcdLine, NpcdAction> ActionChosen;
         public event Action<NpcdLine, string> EmotionChanged;
+        public event Action<NpcdLine, NpcdSentence> SentenceReady;
         public event Action<NpcdLine, LineResult> Finished;
         public event Action<NpcdLine, NpcdError> Failed;
         /// <summary>The daemon refused another request with this line's id (its message); this
@@ -77,6 +80,12 @@ namespace Npcd
             Emotion = label;
             var handler = EmotionChanged;
             if (handler != null) handler(this, label);
+        }
+
+        internal void OnSentence(NpcdSentence sentence)
+        {
+            var handler = SentenceReady;
+            if (handler != null) handler(this, sentence);
         }
 
         internal void OnDuplicate(string message)

@@ -32,6 +32,8 @@ namespace Npcd
                         NativeMethods.Utf8(entry.Value, field)), field);
                 }
                 if (r.Priority.HasValue) Check(NativeMethods.npcd_request_set_priority(p, (int)r.Priority.Value), "Priority");
+                if (r.Segmentation != Segmentation.None) Check(NativeMethods.npcd_request_set_segmentation(p, (int)r.Segmentation), "Segmentation");
+                if (r.Conversation != null) Check(NativeMethods.npcd_request_set_conversation(p, NativeMethods.Utf8(r.Conversation, "Conversation")), "Conversation");
                 if (r.DeadlineMs.HasValue) Check(NativeMethods.npcd_request_set_deadline_ms(p, r.DeadlineMs.Value), "DeadlineMs");
                 if (r.MaxTokens.HasValue) Check(NativeMethods.npcd_request_set_max_tokens(p, r.MaxTokens.Value), "MaxTokens");
                 if (r.Temperature.HasValue) Check(NativeMethods.npcd_request_set_temperature(p, r.Temperature.Value), "Temperature");

@@ -29,6 +29,17 @@ namespace Npcd
         Player = 2,
     }
 
+    /// <summary>The numbers of npcd.v1.Segmentation: which SentenceReady events a line raises.</summary>
+    public enum Segmentation
+    {
+        /// <summary>None (the default).</summary>
+        None = 0,
+        /// <summary>One per sentence (. ! ? and their CJK, Arabic, Hindi kin).</summary>
+        Sentence = 1,
+        /// <summary>Also at clause marks (, ; : and kin): shorter pieces, an earlier first one.</summary>
+        Clause = 2,
+    }
+
     /// <summary>The numbers of npcd.v1.FinishReason.</summary>
     public enum FinishReason
     {
@@ -86,9 +97,31 @@ namespace Npcd
         }
     }
 
+    /// <summary>A complete sentence (or clause) of a line, for text-to-speech: the pieces, in
+    /// Index order, add up to the line's Text exactly (a piece ends with the spaces after it).</summary>
+    public sealed class NpcdSentence
+    {
+        /// <summary>0, 1, 2 ... within the line.</summary>
+        public readonly int Index;
+        public readonly string Text;
+
+        public NpcdSentence(int index, string text)
+        {
+            Index = index;
+            Text = text;
+        }
+
+        public override string ToString()
+        {
+            return Index + ": " + Text;
+        }
+    }
+
     /// <summary>How a line ended. Error is null when it finished; then Reason says why.
     /// Structured lines: Text is the spoken line, Json the whole reply, Action and Emotion
-    /// what it chose (null when it has none). Json is empty for a plain line.</summary>
+    /// what it chose (null when it has none). Json is empty for a plain line.
+    /// CachedPromptTokens: prompt tokens the daemon reused (the persona's prompt, the
+    /// conversation so far); HistoryTurns: earlier turns the prompt held.</summary>
     public sealed class LineResult
     {
         public readonly string RequestId;
@@ -103,10 +136,13 @@ namespace Npcd
         public readonly string Json;
         public readonly NpcdAction Action;
         public readonly string Emotion;
+        public readonly int CachedPromptTokens;
+        public readonly int HistoryTurns;
 
         internal LineResult(string requestId, FinishReason reason, string text, NpcdError error,
                             int promptTokens, int completionTokens, float queuedMs, float firstTokenMs,
-                            float totalMs, string json = "", NpcdAction action = null, string emotion = null)
+                            float totalMs, string json = "", NpcdAction action = null, string emotion = null,
+                            int cachedPromptTokens = 0, int historyTurns = 0)
         {
             RequestId = requestId;
             Reason = reason;
@@ -120,6 +156,8 @@ namespace Npcd
             Json = json ?? string.Empty;
             Action = action;
             Emotion = emotion;
+            CachedPromptTokens = cachedPromptTokens;
+            HistoryTurns = historyTurns;
         }
 
         public bool Failed { get { return Error != null; } }

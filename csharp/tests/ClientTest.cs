@@ -31,14 +31,24 @@ internal sealed class Recorder
     public string Deltas = string.Empty;
     public readonly List<NpcdAction> Actions = new List<NpcdAction>();
     public readonly List<string> Emotions = new List<string>();
+    public readonly List<NpcdSentence> Sentences = new List<NpcdSentence>();
+    private readonly bool segmented;
 
-    public Recorder(NpcdLine line)
+    public Recorder(NpcdLine line, bool segmented)
     {
         Line = line;
+        this.segmented = segmented;
         line.Started += l => Record("started");
         line.TextDelta += (l, text) => { Record("delta"); Deltas += text; };
         line.ActionChosen += (l, action) => { Record("action"); Actions.Add(action); };
         line.EmotionChanged += (l, label) => { Record("emotion"); Emotions.Add(label); };
+        line.SentenceReady += (l, sentence) =>
+        {
+            Record("sentence");
+            Test.Check(sentence.Index == Sentences.Count, Line.Id + ": sentence " + sentence.Index + ", want " + Sentences.Count);
+            Sentences.Add(sentence);
+            Test.Check(Deltas.StartsWith(Joined()), Line.Id + ": sentences '" + Joined() + "' ahead of the deltas '" + Deltas + "'");
+        };
         line.Finished += (l, result) => Record("finished");
         line.Failed += (l, error) => Record("failed");
     }
@@ -49,7 +59,7 @@ internal sealed class Recorder
             throw new TestFailure(Line.Id + ": " + kind + " after the end");
         if (kind == "delta" && !Kinds.Contains("started"))
             throw new TestFailure(Line.Id + ": delta before started");
-        if ((kind == "action" || kind == "emotion") && !Kinds.Contains("delta"))
+        if ((kind == "action" || kind == "emotion" || kind == "sentence") && !Kinds.Contains("delta"))
             throw new TestFailure(Line.Id + ": " + kind + " before any delta");
         if (kind == "started" && Kinds.Count > 0)
             throw new TestFailure(Line.Id + ": started twice or late");
@@ -67,6 +77,18 @@ internal sealed class Recorder
         Test.Check(Deltas == r.Text && Line.Text == r.Text, Line.Id + ": deltas '" + Deltas + "' != finished text '" + r.Text + "'");
         Test.Check(r.CompletionTokens > 0, Line.Id + ": no completion tokens");
         Test.Check(Line.Completion.IsCompleted && Line.Completion.Result == r, Line.Id + ": Completion does not match");
+        Test.Check(r.CachedPromptTokens <= r.PromptTokens, Line.Id + ": " + r.CachedPromptTokens + " cached of " + r.PromptTokens + " prompt tokens");
+        if (segmented)
+            Test.Check(Sentences.Count > 0 && Joined() == r.Text, Line.Id + ": " + Sentences.Count + " sentences '" + Joined() + "' != text '" + r.Text + "'");
+        else
+            Test.Check(Sentences.Count == 0, Line.Id + ": sentences without a Segmentation");
+    }
+
+    public string Joined()
+    {
+        var joined = new System.Text.StringBuilder();
+        foreach (var sentence in Sentences) joined.Append(sentence.Text);
+        return joined.ToString();
     }
 
     /// <summary>A structured line: its say streamed as text, one emotion and one action, and
@@ -139,7 +161,7 @@ internal static class Test
 
     private static Recorder Say(NpcdClient client, LineRequest request)
     {
-        return new Recorder(client.Say(request));
+        return new Recorder(client.Say(request), request.Segmentation != Segmentation.None);
     }
 
     private static async Task<string> AwaitLine(NpcdLine line)
@@ -156,6 +178,7 @@ internal static class Test
             request.History.Add(new Turn("Player", "Hello there."));
             request.NpcId = "npc-1";
             request.Priority = Priority.Player;
+            request.Segmentation = Segmentation.Sentence;
             var one = Say(client, request);
             Task<string> awaited = AwaitLine(one.Line);
 
@@ -172,12 +195,13 @@ internal static class Test
 
             PumpUntil(client, () => client.ActiveLines == 0, 120, "all lines to end");
             one.ExpectComplete();
+            Check(one.Line.Result.HistoryTurns == 1, "the prompt held " + one.Line.Result.HistoryTurns + " earlier turns, want the 1 given");
             Check(awaited.IsCompleted && awaited.Result == one.Line.Result.Text, "the awaited text differs");
             Check(dropped.Line.Result.Reason == FinishReason.Cancelled && !dropped.Line.IsStarted && !dropped.Line.Result.Failed,
                   "a pending line cancelled locally must finish Cancelled without Started");
             Check(unknown.Line.Result.Failed && unknown.Line.Result.Error.Code == 5,
                   "unknown persona: want error 5 (NOT_FOUND), got " + unknown.Line.Result.Error);
-            Console.WriteLine("stream: '" + one.Line.Result.Text + "'");
+            Console.WriteLine("stream: '" + one.Line.Result.Text + "' (" + one.Sentences.Count + " sentences)");
         }
     }
 
@@ -224,6 +248,7 @@ internal static class Test
         {
             var request = Request(StructuredPersona, "I'll take the rope. Here's your silver.", 20);
             request.Structured = true;
+            request.Segmentation = Segmentation.Clause;  // clauses of the spoken line
             var persona = Say(client, request);
 
             // The only action listed: the grammar forces it. Not Structured: a list implies it.
@@ -430,6 +455,8 @@ internal static class Test
                 new KeyValuePair<string, Action<LineRequest>>("Stop[0]", r => r.Stop.Add("\0")),
                 new KeyValuePair<string, Action<LineRequest>>("Actions[0].Description", r => r.Actions.Add(new ActionSpec("wave", "\uD800"))),
                 new KeyValuePair<string, Action<LineRequest>>("ResponseFormat", r => r.ResponseFormat = "{\"a\":\"\0\"}"),
+                new KeyValuePair<string, Action<LineRequest>>("Conversation", r => r.Conversation = "guard\0talk"),
+                new KeyValuePair<string, Action<LineRequest>>("Segmentation", r => r.Segmentation = (Segmentation)7),
             };
             foreach (var c in cases)
             {

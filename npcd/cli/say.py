@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--deadline-ms", type=int, default=0)
+    parser.add_argument("--conversation", default="", metavar="ID",
+                        help="a conversation the daemon keeps: earlier lines with this id are remembered")
     parser.add_argument("--actions", action="store_true",
                         help="structured reply: stream the line, then print the emotion and action the NPC chose "
                              "from its persona's `emotions` and `actions`")
@@ -47,7 +49,7 @@ def request_from_args(args: argparse.Namespace):
             setattr(sampling, name, getattr(args, name))
     return pb.SayRequest(request_id="cli", persona=args.persona, npc_id=args.npc_id, speaker=args.speaker,
                          line=args.line, context=context, sampling=sampling, priority=pb.PRIORITY_PLAYER,
-                         deadline_ms=args.deadline_ms, structured=args.actions)
+                         deadline_ms=args.deadline_ms, structured=args.actions, conversation=args.conversation)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,6 +102,12 @@ STOP_CHARS = Bound(1, 64, kind=int, unit="characters")  # of each stop string
 UNREAD_EVENTS_MAX = 512
 
 
+# Tokens a structured reply may spend beyond its max_tokens: the JSON around the line, the emotion label and
+# the action with its arguments (enum labels and capped strings: npcd.personas.actions.ARG_STRING_MAX_CHARS).
+# The shipped personas' replies use 20-40 of them. The service keeps them free in a structured line's prompt budget.
+STRUCTURE_TOKENS = 128
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """The reply must be JSON that follows `schema` (grammar-constrained decoding, per row of a batch).
@@ -126,6 +132,9 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() after which the request is ended
     structured: StructuredOutput | None = None  # None: free text
     client: str = ""             # who asked (a connection, or its x-npcd-client key): the unit of fair shares
+    # A conversation's key: the KV of this line's prompt and reply is kept under it (bounded, LRU), and the next
+    # line with the same key reuses the longest prefix its prompt shares with them.
+    cache_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ class Finished:
     queued_ms: float       # submit -> first scheduled
     first_token_ms: float  # submit -> first token (0 when none was produced)
     total_ms: float        # submit -> finished
-    cached_prompt_tokens: int = 0  # prompt tokens served from the persona prefix cache
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV was reused (persona system turn, conversation)
     error: str | None = None
     json: str = ""  # structured requests: the whole reply as generated (valid JSON when reason is STOP)
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 WEIGHT_MODES = ("auto", "fp32", "bf16", "int8", "int4")  # npcd.engine.quant says what each runs; auto: npcd.engine.platform
-RENAMED_KEYS = {"dtype": "weights", "quantize": "weights"}  # keys of earlier releases, named in the error
+# keys of earlier releases, named in the error with what replaced them
+RENAMED_KEYS = {"dtype": f"weights ({'|'.join(WEIGHT_MODES)})", "quantize": f"weights ({'|'.join(WEIGHT_MODES)})",
+                "prefix_cache_entries": "prefix_cache_mb (the cache is bounded by memory)"}
 BACKENDS = ("torch",)  # "tensorrt-llm" slots in behind npcd.engine.api.Backend
 # alternate: a prefill step, then a decode step; eager: prefill whenever requests wait;
 # mixed: running rows decode in the same forward that prefills the newcomers.
@@ -34,7 +36,10 @@ class EngineConfig:
     max_resident_adapters: int = 8  # adapters held in the weight stacks; LRU-evicted beyond
     max_queue: int = 256           # waiting requests before QUEUE_FULL
     player_queue_share: float = 0.125  # of max_queue kept for player lines: ambient requests see the rest
-    prefix_cache_entries: int = 32  # persona prompt prefixes kept (per persona + adapter version)
+    # Keys/values of prompt beginnings kept for reuse: personas' system turns and conversations' last lines
+    # (npcd.engine.kv_cache.PrefixCache), least recently used dropped beyond. SmolLM2-135M in fp32 holds 46 KB per
+    # token: 512 MB keep ~11,000 tokens, a persona prefix (~150) each and some 30 conversations of 300 tokens.
+    prefix_cache_mb: int = 512
     prefill_token_budget: int = 256   # new prompt tokens per step: bounds how long running lines wait
     prefill_policy: str = "mixed"  # alternate | eager | mixed (docs/performance.md)
     threads: int = 0               # torch threads; 0 = all cores
@@ -52,7 +57,7 @@ class EngineConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            renamed = "".join(f"; {k} is now {RENAMED_KEYS[k]} ({'|'.join(WEIGHT_MODES)})"
+            renamed = "".join(f"; {k} is now {RENAMED_KEYS[k]}"
                               for k in unknown if k in RENAMED_KEYS)
             raise ValueError(f"{source}: unknown key(s) {unknown}; known: {sorted(fields)}{renamed}")
         values = {}
@@ -87,7 +92,7 @@ class EngineConfig:
              f"max_resident_adapters must be in 1..256, got {self.max_resident_adapters}")
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         need(0 <= self.player_queue_share < 1, f"player_queue_share must be in [0, 1), got {self.player_queue_share}")
-        need(self.prefix_cache_entries >= 0, f"prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
+        need(self.prefix_cache_mb >= 0, f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         need(self.prefill_token_budget >= 16, f"prefill_token_budget must be >= 16, got {self.prefill_token_budget}")
         need(self.prefill_policy in PREFILL_POLICIES,
              f"prefill_policy must be one of {PREFILL_POLICIES}, got {self.prefill_policy!r}")

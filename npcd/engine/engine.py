@@ -84,7 +84,7 @@ class Engine:
         self.stacks = LoraStacks(spec.module_shapes(), spec.num_layers, config.max_resident_adapters,
                                  lora_dtype(self.placement.weights), self.device)
         self.registry = AdapterRegistry(self.stacks)
-        self.prefix_cache = PrefixCache(config.prefix_cache_entries)
+        self.prefix_cache = PrefixCache(config.prefix_cache_mb << 20)
         eos = set(spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -200,6 +200,7 @@ class Engine:
             return
         if seq.adapter is not None:
             self.registry.acquire(seq.adapter)
+        seq.reusable = self.prefix_cache.longest(seq.cache_keys(), seq.prompt, touch=False)[0]
         self.by_id[rid] = seq
         seq.sink(Started(rid, self.scheduler.push(seq)))
 
@@ -304,6 +305,7 @@ class Engine:
         if seq.done:
             return
         seq.done = True
+        self._keep_conversation(seq, reason)
         self.scheduler.remove(seq)
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
@@ -317,6 +319,16 @@ class Engine:
             prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
             queued_ms=ms(seq.scheduled_at or now), first_token_ms=ms(seq.first_token_at),
             total_ms=ms(now), cached_prompt_tokens=seq.cached, error=error))
+
+    def _keep_conversation(self, seq: Sequence, reason: FinishReason) -> None:
+        """A conversation's line, before its slot is freed: its prompt and reply KV go to the prefix cache, for
+        the conversation's next line (whose prompt extends this one's with the reply and the new line). One
+        copy of at most max_seq_len tokens per line; the entry replaces the conversation's previous one."""
+        key = seq.conversation_key()
+        if key is None or reason is FinishReason.ERROR or seq not in self.running or seq.kv_len == 0:
+            return
+        tokens = (seq.prompt + seq.generated)[:seq.kv_len]
+        self.prefix_cache.put(key, tuple(tokens), self.kv.read(self.running.index(seq), seq.kv_len))
 
     def finish_all(self, reason: FinishReason, error: str | None = None, *, waiting: bool = True) -> None:
         """Ends every running (and, with `waiting`, every queued) request: shutdown, or a failed step."""

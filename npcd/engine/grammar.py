@@ -12,7 +12,7 @@ One addition of ours: the spoken line's budget. A JSON string may grow until
 its maxLength, which `max_tokens` knows nothing about; once a row has spent
 `max_tokens` tokens inside its streamed field, its mask is narrowed to the
 tokens that start with a quote, which close the string (the grammar allows
-nothing else that ends it), and the fields after it get STRUCTURE_TOKENS more.
+nothing else that ends it), and the fields after it get STRUCTURE_TOKENS (npcd.engine.api) more.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ import torch
 from npcd.engine.api import InvalidRequest, StructuredOutput
 from npcd.engine.reply_stream import ReplyStream
 
-# Tokens a structured reply may spend beyond its max_tokens: the JSON around the line, the emotion label and
-# the action with its arguments (enum labels and capped strings: npcd.personas.actions.ARG_STRING_MAX_CHARS).
-# The shipped personas' replies use 20-40 of them.
-STRUCTURE_TOKENS = 128
 # Compiled grammars kept by xgrammar's compiler (a persona's reply grammar is ~100 KB); least recently used
 # beyond this are compiled again when needed (~15 ms).
 GRAMMAR_CACHE_BYTES = 64 << 20

@@ -54,8 +54,8 @@ class ModelRunner:
         step = StepInputs(tokens=torch.tensor(tokens, device=self.device), blocks=blocks,
                           last_index=torch.tensor(last_index, device=self.device), lora=self.lora_for(row_slots))
         logits = self.model.forward(step, self.kv.k, self.kv.v)
-        for slot, key, length in plan.prefix_misses:
-            self._prefix_cache.put(key, self.kv.read(slot, length))
+        for slot, key in plan.prefix_misses:  # a system key's second part is its tokens
+            self._prefix_cache.put(key, key[1], self.kv.read(slot, len(key[1])))
         for seq in plan.decode:
             seq.kv_len = seq.length
         for seq, (_, end) in zip(plan.prefill, plan.chunks):

@@ -96,6 +96,9 @@ class WaitingQueue(Generic[W]):
         return chosen
 
 
+AMBIENT_SHARE_DIVISOR = 8  # while a player line runs, ambient prompts get 1/8 of the step's prompt budget
+
+
 @dataclass
 class StepPlan:
     """What one forward pass computes. Rows keep this order in the logits: decode, then prefill."""
@@ -105,7 +108,7 @@ class StepPlan:
     start_slot: int                                          # KV slot of the first prefill row
     chunks: list[tuple[int, int]] = field(default_factory=list)  # per prefill row: prompt[start:end] this step
     prefix_hits: list[tuple[int, PrefixKV]] = field(default_factory=list)   # (slot, KV) to copy in first
-    prefix_misses: list[tuple[int, tuple, int]] = field(default_factory=list)  # (slot, key, length) to keep
+    prefix_misses: list[tuple[int, tuple]] = field(default_factory=list)  # (slot, system key) to keep
 
     @property
     def rows(self) -> list[Sequence]:
@@ -221,33 +224,47 @@ class Scheduler:
         decode_owed = self._policy == "alternate" and self._last_was_prefill and decoding > 0
         budget = 0 if decode_owed else self._token_budget
         newcomers: list[Sequence] = []
-        left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling)  # after the rows already prefilling
+        # the budget left after the rows already prefilling, but a player line waits for no ambient one's prompt
+        # (a conversation's background window, a long bark): those rows give way below
+        top = max((w.priority for w in self.waiting.waiting()), default=0) if len(self.waiting) else 0
+        left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling if seq.priority >= top)
         if len(self.waiting) and left > 0:
             newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._fair(self._can_run))
         plan = StepPlan(decode=[], prefill=[], start_slot=decoding)
         for seq in newcomers:
             seq.scheduled_at = now
-            slot = len(self.running)
             self.running.append(seq)
-            key = seq.prefix_key()
-            if key is None:
+        self._prefill_by_priority(decoding)
+        for seq in newcomers:
+            slot = self.running.index(seq)
+            keys = seq.cache_keys()
+            if not keys:
                 continue
-            kv = self._prefix_cache.get(key)
+            reused, kv = self._prefix_cache.longest(keys, seq.prompt)
             if kv is not None:
                 plan.prefix_hits.append((slot, kv))
-                seq.cached = seq.kv_len = seq.request.prefix_len
-            else:
-                seq.pending_prefix = key
+                seq.cached = seq.kv_len = reused
+            system = seq.system_key()
+            if system is not None and system not in self._prefix_cache:
+                seq.pending_prefix = system  # kept once its tokens are in the slot, for the persona's next lines
+        # While a player line runs, ambient prompts get only a small share of each step: a step's time grows
+        # with its prompt tokens, and the player's first token and every next one wait for the step. Measured
+        # on a 2-core AVX2 CPU: a player line beside a 430-token background prompt waited 1.2-1.5 s for its
+        # first token with the whole budget shared, against ~0.3 s alone.
+        player = any(s.priority > 0 for s in self.running)
+        ambient = max(1, budget // AMBIENT_SHARE_DIVISOR) if player else budget
         for slot in range(decoding, len(self.running)):
             seq = self.running[slot]
-            take = min(len(seq.prompt) - seq.kv_len, budget)
+            take = min(len(seq.prompt) - seq.kv_len, budget, ambient if seq.priority <= 0 else budget)
             if take <= 0:
                 break  # budget spent: this row and the ones after it wait for the next step
             budget -= take
+            if seq.priority <= 0:
+                ambient -= take
             plan.prefill.append(seq)
             plan.chunks.append((seq.kv_len, seq.kv_len + take))
             if seq.pending_prefix is not None and seq.kv_len + take >= seq.request.prefix_len:
-                plan.prefix_misses.append((slot, seq.pending_prefix, seq.request.prefix_len))
+                plan.prefix_misses.append((slot, seq.pending_prefix))
                 seq.pending_prefix = None
         if self._policy == "mixed" or not plan.prefill:
             plan.decode = self.running[:decoding]
@@ -255,6 +272,19 @@ class Scheduler:
             return None
         self._last_was_prefill = bool(plan.prefill)
         return plan
+
+    def _prefill_by_priority(self, decoding: int) -> None:
+        """Orders the prefilling rows (the slots after the decoding ones) player lines first, so the step's
+        prompt budget goes to them first; a row that changes slot takes its computed KV with it."""
+        segment = self.running[decoding:]
+        order = sorted(segment, key=lambda s: -s.priority)  # stable: arrival order within a priority
+        if order == segment:
+            return
+        saved = {id(s): self._kv.read(decoding + i, s.kv_len) for i, s in enumerate(segment) if s.kv_len}
+        for i, seq in enumerate(order):
+            self.running[decoding + i] = seq
+            if id(seq) in saved:
+                self._kv.write(decoding + i, saved[id(seq)])
 
     def remove(self, seq: Sequence) -> None:
         """Takes a finished sequence out: frees its KV slot or its queue place.

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from npcd.engine.adapters import AdapterVersion
-from npcd.engine.api import Event, GenerationRequest
+from npcd.engine.api import STRUCTURE_TOKENS, Event, GenerationRequest
 from npcd.engine.detokenizer import IncrementalDetokenizer
-from npcd.engine.grammar import STRUCTURE_TOKENS, RowGrammar
+from npcd.engine.grammar import RowGrammar
+from npcd.engine.kv_cache import PrefixCache
 from npcd.engine.sampler import SamplerState
 
 Sink = Callable[[Event], None]  # called on the engine thread with each of the request's events
@@ -26,6 +27,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     generated: list[int] = field(default_factory=list)
     cached: int = 0               # prompt tokens whose KV came from the prefix cache
+    reusable: int = 0             # prompt tokens the prefix cache held when it was queued (step budget estimate)
     kv_len: int = 0               # tokens whose KV is in the sequence's slot
     pending_prefix: tuple | None = None  # prefix-cache key to store once its tokens are prefilled
     scheduled_at: float = 0.0
@@ -76,12 +78,23 @@ class Sequence:
     @property
     def prefill_tokens(self) -> int:
         """Tokens its prefill will compute, for the step budget: the persona prefix is counted as cached
-        (after a persona's first line it is)."""
-        return len(self.prompt) - self.cacheable_prefix
+        (after a persona's first line it is), and what a conversation entry held when it was queued."""
+        return len(self.prompt) - max(self.cacheable_prefix, self.reusable)
 
-    def prefix_key(self) -> tuple | None:
+    @property
+    def version_key(self) -> tuple | None:
+        """The adapter version its KV is computed with (cache entries of other versions never apply)."""
+        return (self.adapter.name, self.adapter.version) if self.adapter else None
+
+    def system_key(self) -> tuple | None:
+        """Prefix-cache key of its persona's system turn, or None when it has none to share."""
         p = self.cacheable_prefix
-        if not p:
-            return None
-        version = (self.adapter.name, self.adapter.version) if self.adapter else None
-        return (version, tuple(self.prompt[:p]))
+        return (self.version_key, tuple(self.prompt[:p])) if p else None
+
+    def conversation_key(self) -> tuple | None:
+        """Prefix-cache key of its conversation (its last line's prompt and reply), or None outside one."""
+        key = self.request.cache_key
+        return (self.version_key, PrefixCache.CONVERSATION, key) if key else None
+
+    def cache_keys(self) -> list[tuple]:
+        return [k for k in (self.system_key(), self.conversation_key()) if k is not None]

@@ -34,12 +34,16 @@ ID_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOP_LEVEL_KEYS = (
     "id", "display_name", "description", "adapter", "system_prompt", "template",
-    "sampling", "stop", "few_shot", "examples", "metadata", "actions", "emotions", "situations",
+    "sampling", "stop", "few_shot", "examples", "metadata", "actions", "emotions", "situations", "memory",
 )
 REQUIRED_KEYS = ("id", "display_name", "description", "system_prompt")
 EXAMPLE_KEYS = ("speaker", "line", "reply", "context")
 ACTION_KEYS = ("name", "description", "args")
 SITUATION_KEYS = ("speaker", "line", "context", "expect")
+MEMORY_KEYS = ("when_full", "summary_tokens")
+WHEN_FULL = ("drop", "summarize")
+SUMMARY_TOKENS = (16, 256)  # bounds of memory.summary_tokens: a summary long enough to keep facts, short
+                            # enough that it never crowds the turns it stands for out of the prompt
 
 # In every run of 20 examples these positions are held out for evaluation: a fixed
 # 15% split by index, so training and evaluation never disagree on which is which.
@@ -99,6 +103,15 @@ class Situation:
 
 
 @dataclass(frozen=True)
+class Memory:
+    """What a conversation does when its turns no longer fit the prompt: the oldest are dropped, or folded into a
+    summary the persona writes itself (its adapter, its voice) in at most `summary_tokens`."""
+
+    when_full: str = "drop"
+    summary_tokens: int = 96
+
+
+@dataclass(frozen=True)
 class Persona:
     id: str
     display_name: str
@@ -116,6 +129,7 @@ class Persona:
     actions: tuple[Action, ...] = ()
     emotions: tuple[str, ...] = ()
     situations: tuple[Situation, ...] = ()
+    memory: Memory = field(default_factory=Memory)
 
     @property
     def train_examples(self) -> tuple[Example, ...]:
@@ -388,6 +402,19 @@ def _situations(src: _Source, value: Any, actions: tuple[Action, ...]) -> tuple[
     return tuple(out)
 
 
+def _memory(src: _Source, value: Any) -> Memory:
+    data = _mapping(src, ["memory"], value)
+    _check_keys(src, ["memory"], data, MEMORY_KEYS)
+    when_full = data.get("when_full", Memory.when_full)
+    if when_full not in WHEN_FULL:
+        raise src.error(["memory", "when_full"], f"must be one of {', '.join(WHEN_FULL)}, got {_describe(when_full)}")
+    tokens = data.get("summary_tokens", Memory.summary_tokens)
+    low, high = SUMMARY_TOKENS
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not low <= tokens <= high:
+        raise src.error(["memory", "summary_tokens"], f"must be an integer in {low}..{high}, got {_describe(tokens)}")
+    return Memory(when_full=when_full, summary_tokens=tokens)
+
+
 def _adapter(src: _Source, value: Any, require: bool, persona_id: str) -> Path:
     raw = _string(src, ["adapter"], value)
     path = (src.path.parent / raw).resolve()
@@ -471,6 +498,7 @@ def load_persona(path: str | Path, *, require_adapter: bool = True) -> Persona:
         actions=actions,
         emotions=_emotions(src, data["emotions"]) if "emotions" in data else (),
         situations=_situations(src, data["situations"], actions) if "situations" in data else (),
+        memory=_memory(src, data["memory"]) if "memory" in data else Memory(),
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from npcd.engine.api import SAMPLING_BOUNDS, STOP_STRINGS
+from npcd.service.sentences import CLAUSE_MARKS, SENTENCE_MARKS, marks_problem
 
 DEFAULT_FILE = "npcd.yaml"
 
@@ -44,6 +45,8 @@ class Limits:
     max_id_chars: int = 128          # request_id, npc_id, persona, speaker, context keys
     max_deadline_ms: int = 600_000
     max_schema_chars: int = 16_384   # response_format and each action's args_schema_json
+    max_conversation_turns: int = 256  # turns a kept conversation stores (the oldest are deleted beyond)
+    max_conversations: int = 10_000  # conversations one client keeps (x-npcd-client; all without one)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class DaemonConfig:
     engine: Path = Path("engines/default.yaml")
     personas: Path = Path("personas")
     metrics: str = "127.0.0.1:9464"  # "0" turns the metrics endpoint off
+    openai_listen: str = "0"         # the OpenAI-compatible HTTP endpoint (npcd.service.openai_http); "0": off
     tick_window_ms: float = 3.0      # requests arriving this close together are submitted together
     grace_s: float = 10.0            # on SIGTERM: time in-flight requests get to finish
     log_json: bool = False
@@ -66,10 +70,18 @@ class DaemonConfig:
     reflection: bool = True          # gRPC server reflection (grpcurl, Postman); off hides the API's shape
     admin: bool = True               # ReloadPersonas; off: only the file watcher reloads
     reload_min_interval_s: float = 1.0  # ReloadPersonas more often than this is RESOURCE_EXHAUSTED
+    conversations: Path | None = None  # SQLite file of the conversations the daemon keeps; None: in memory only
+    # Sentence events (SayRequest.segmentation): a piece ends at one of these marks; clause mode also at these
+    sentence_marks: str = SENTENCE_MARKS
+    clause_marks: str = CLAUSE_MARKS
 
     @property
     def metrics_enabled(self) -> bool:
         return self.metrics != "0"
+
+    @property
+    def openai_enabled(self) -> bool:
+        return self.openai_listen != "0"
 
     def validate(self, source: str) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -79,21 +91,34 @@ class DaemonConfig:
         need(_is_host_port(self.listen), f"listen must be HOST:PORT, got {self.listen!r}")
         need(self.metrics == "0" or _is_host_port(self.metrics),
              f"metrics must be HOST:PORT or 0 (off), got {self.metrics!r}")
+        need(not self.openai_enabled or _is_host_port(self.openai_listen),
+             f"openai_listen must be HOST:PORT or 0 (off), got {self.openai_listen!r}")
         need(0 <= self.tick_window_ms <= 1000, f"tick_window_ms must be in 0..1000, got {self.tick_window_ms:g}")
         need(0 <= self.grace_s <= 3600, f"grace_s must be in 0..3600, got {self.grace_s:g}")
         need(self.log_level in ("debug", "info", "warning", "error"),
              f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         need((self.tls_cert is None) == (self.tls_key is None), "tls_cert and tls_key go together; got only one")
         need(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca needs tls_cert and tls_key")
+        need(self.conversations is None or self.conversations.parent.is_dir(),
+             f"conversations: the directory of {self.conversations} does not exist")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             need(path is None or path.is_file(), f"{name}: {path} is not a file")
         need(0 <= self.reload_min_interval_s <= 3600,
              f"reload_min_interval_s must be in 0..3600, got {self.reload_min_interval_s:g}")
-        host = self.listen.rpartition(":")[0]
-        need(is_loopback(host) or self.insecure_lan or (self.tls_cert is not None and bool(self.token)),
-             f"listen {self.listen} is not a loopback address: serving beyond this machine needs TLS (tls_cert, "
-             f"tls_key) and a token, or insecure_lan: true to accept that anyone on the network can use it")
+        for name in ("sentence_marks", "clause_marks"):
+            problem = marks_problem(getattr(self, name))
+            need(problem is None, f"{name} {problem}")
+        both = sorted(set(self.sentence_marks) & set(self.clause_marks))
+        need(not both, f"sentence_marks and clause_marks share {''.join(both)!r}; a mark ends either a sentence "
+                       f"or a clause")
+        # both doors to the same personas: the HTTP one is exposed under exactly the gRPC port's rules
+        for name, address in (("listen", self.listen), ("openai_listen", self.openai_listen)):
+            host = address.rpartition(":")[0]
+            need(address == "0" or is_loopback(host) or self.insecure_lan
+                 or (self.tls_cert is not None and bool(self.token)),
+                 f"{name} {address} is not a loopback address: serving beyond this machine needs TLS (tls_cert, "
+                 f"tls_key) and a token, or insecure_lan: true to accept that anyone on the network can use it")
         for name, value in dataclasses.asdict(self.limits).items():
             need(value >= 1, f"limits.{name} must be >= 1, got {value}")
         # these caps narrow the sampling table (npcd.engine.api); a higher value would silently do nothing
@@ -159,6 +184,7 @@ _SCALARS: dict[str, _Conv] = {
     "engine": (_to_path, "a path"),
     "personas": (_to_path, "a path"),
     "metrics": (_to_str, "HOST:PORT or 0"),
+    "openai_listen": (_to_str, "HOST:PORT or 0"),
     "tick_window_ms": (_to_float, "a number"),
     "grace_s": (_to_float, "a number"),
     "log_json": (_to_bool, "true or false"),
@@ -171,6 +197,9 @@ _SCALARS: dict[str, _Conv] = {
     "reflection": (_to_bool, "true or false"),
     "admin": (_to_bool, "true or false"),
     "reload_min_interval_s": (_to_float, "a number"),
+    "conversations": (_to_path, "a path"),
+    "sentence_marks": (_to_str, "a string of punctuation marks"),
+    "clause_marks": (_to_str, "a string of punctuation marks"),
 }
 _LIMITS = [f.name for f in dataclasses.fields(Limits)]
 
@@ -220,6 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", help="engine definition YAML (default engines/default.yaml)")
     parser.add_argument("--personas", help="personas directory (default personas/)")
     parser.add_argument("--metrics", help="Prometheus endpoint HOST:PORT, or 0 for off (default 127.0.0.1:9464)")
+    parser.add_argument("--openai-listen", dest="openai_listen",
+                        help="OpenAI-compatible HTTP endpoint HOST:PORT (/v1/chat/completions), or 0 for off "
+                             "(default 0)")
     parser.add_argument("--tick-window-ms", dest="tick_window_ms",
                         help="submit requests arriving within this window together (default 3)")
     parser.add_argument("--grace-s", dest="grace_s", help="shutdown grace period in seconds (default 10)")
@@ -233,8 +265,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow a non-loopback --listen without TLS and a token (anyone on the network can use it)")
     parser.add_argument("--no-reflection", dest="reflection", action="store_const", const=False,
                         help="switch gRPC server reflection off")
+    parser.add_argument("--conversations", help="SQLite file the daemon keeps conversations in (default: "
+                        "conversations.sqlite3 beside npcd.yaml; without npcd.yaml, in memory only)")
     parser.add_argument("--no-admin", dest="admin", action="store_const", const=False,
                         help="switch ReloadPersonas off (the file watcher still reloads)")
+    parser.add_argument("--sentence-marks", dest="sentence_marks", metavar="MARKS",
+                        help="marks that end a sentence for Sentence events (default: . ! ? … 。！？ ؟ । ॥ and kin)")
+    parser.add_argument("--clause-marks", dest="clause_marks", metavar="MARKS",
+                        help="marks that also end a clause in SEGMENTATION_CLAUSE (default: , ; : — – ，、；： ، ؛ and kin)")
     for name in _LIMITS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="N", help=f"limits.{name}")
 
@@ -248,7 +286,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     config = DaemonConfig()
     if path.is_file():
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # YAML is UTF-8: the marks are not ASCII
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):

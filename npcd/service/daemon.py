@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from npcd.engine.config import EngineConfig
 from npcd.service import logs
 from npcd.service.config import DaemonConfig, is_loopback
+from npcd.service.conversations import ConversationStore
 from npcd.service.metrics import Metrics, MetricsServer
 from npcd.service.registry import PersonaRegistry
+
+if TYPE_CHECKING:
+    from npcd.service.openai_http import OpenAIServer
 
 HEALTH_POLL_S = 0.5  # how soon gRPC health reflects a failing (or recovered) engine step
 
@@ -28,12 +32,14 @@ class Daemon:
         self.log: Any = logs.get()
         self.address = ""          # host:port the gRPC server listens on, once started
         self.metrics_address = ""
+        self.openai_address = ""   # host:port of the OpenAI-compatible HTTP endpoint; "" while it is off
         self.backend: Any = None
         self.registry: PersonaRegistry | None = None
         self._server: Any = None
         self._health: Any = None
         self._servicer: Any = None
         self._metrics_server: MetricsServer | None = None
+        self._openai: OpenAIServer | None = None
         self._health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -53,9 +59,15 @@ class Daemon:
         await asyncio.to_thread(self.registry.reload)
         self.registry.start_watching()
         metrics = Metrics(self.backend.stats, self.backend.describe())
+        limits = config.limits
+        conversations = ConversationStore(config.conversations, max_turns=limits.max_conversation_turns,
+                                          max_conversations=limits.max_conversations,
+                                          max_text_chars=limits.max_line_chars, max_name_chars=limits.max_id_chars)
         self._servicer = NpcdServicer(self.backend, self.registry, config.limits, metrics,
                                       tick_window_s=config.tick_window_ms / 1000.0, log=self.log,
-                                      admin=config.admin, reload_interval_s=config.reload_min_interval_s)
+                                      admin=config.admin, reload_interval_s=config.reload_min_interval_s,
+                                      sentence_marks=config.sentence_marks, clause_marks=config.clause_marks,
+                                      conversations=conversations)
         self._server, port, self._health = await start_server(self._servicer, config)
         if config.insecure_lan and not is_loopback(config.listen.rpartition(":")[0]):
             self.log.warning("serving beyond loopback without the protection insecure_lan waives: anyone who can "
@@ -66,9 +78,20 @@ class Daemon:
             self._metrics_server = MetricsServer(metrics, config.metrics)
             self._metrics_server.start()
             self.metrics_address = self._metrics_server.address
+        if config.openai_enabled:
+            from npcd.service.openai_http import OpenAIServer  # starlette and uvicorn only when it is on
+
+            self._openai = OpenAIServer(self._servicer, self.registry, config, self.log)
+            self.openai_address = await self._openai.start()
+            if config.insecure_lan and not is_loopback(config.openai_listen.rpartition(":")[0]):
+                self.log.warning("the OpenAI endpoint serves beyond loopback without the protection insecure_lan "
+                                 "waives", openai_listen=config.openai_listen, tls=config.tls_cert is not None,
+                                 token=bool(config.token))
         self._health_task = asyncio.create_task(self._follow_engine_health())
         states = self.registry.states()
         self.log.info("listening", address=self.address, metrics=self.metrics_address or "off",
+                      openai=self.openai_address or "off",
+                      conversations=str(config.conversations) if config.conversations else "memory only",
                       tls=config.tls_cert is not None, mutual_tls=config.tls_client_ca is not None,
                       token=bool(config.token), reflection=config.reflection, admin=config.admin,
                       personas=str(config.personas), personas_ready=sum(s.persona is not None for s in states),
@@ -95,8 +118,14 @@ class Daemon:
             await self._health.enter_graceful_shutdown()
         if self._servicer is not None:
             await self._servicer.drain(self.config.grace_s)
+        # The HTTP door closes after the drain, like the gRPC server: until then its requests are refused with
+        # 503 (the servicer is not admitting), and its streams get their lines' last chunks and [DONE].
+        if self._openai is not None:
+            await self._openai.stop()
         if self._server is not None:
             await self._server.stop(1.0)
+        if self._servicer is not None:
+            await self._servicer.close()
         if self.registry is not None:
             self.registry.stop_watching()
         if self._metrics_server is not None:

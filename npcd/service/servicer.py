@@ -48,6 +48,7 @@ from npcd.service._proto import npcd_pb2_grpc
 from npcd.service.admitter import Admitter
 from npcd.service.auth import TokenInterceptor, server_credentials
 from npcd.service.config import DaemonConfig, Limits
+from npcd.service.conversations import ConversationError, ConversationLimit, ConversationStore, Key
 from npcd.service.conversion import (
     BACKEND_CODES,
     FINISH_REASONS,
@@ -56,12 +57,16 @@ from npcd.service.conversion import (
     struct,
     structured_parts,
 )
+from npcd.service.dialogue import Dialogue, Remember
 from npcd.service.metrics import Metrics
 from npcd.service.registry import PersonaRegistry, PersonaState, PersonaUnavailable
+from npcd.service.sentences import Piece, Segmenter
 from npcd.service.structured import structured_output
 from npcd.service.validation import (
     DEFAULT_SPEAKER,
     RequestError,
+    check_ref,
+    check_turns,
     internal,
     invalid,
     sampling_for,
@@ -81,18 +86,31 @@ class _Job:
     request: GenerationRequest
     persona: str
     npc_id: str
+    segmentation: int = pb.SEGMENTATION_NONE  # Sentence events for it, by SayRequest.segmentation
+    remember: Remember | None = None  # a conversation's line: what it appends when it finishes
+    history_turns: int = 0            # earlier turns its prompt holds
+
+
+def _sentence_events(rid: str, pieces: list[Piece]) -> list[pb.Event]:
+    return [pb.Event(request_id=rid, sentence=pb.Sentence(index=p.index, text=p.text)) for p in pieces]
 
 
 class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     def __init__(self, backend: Backend, registry: PersonaRegistry, limits: Limits, metrics: Metrics,
-                 tick_window_s: float, log: Any = None, *, admin: bool = True, reload_interval_s: float = 0.0):
+                 tick_window_s: float, log: Any = None, *, admin: bool = True, reload_interval_s: float = 0.0,
+                 sentence_marks: str, clause_marks: str, conversations: ConversationStore | None = None):
         self._backend = backend
+        self._marks = {"sentence_marks": sentence_marks, "clause_marks": clause_marks}  # DaemonConfig's
         self._registry = registry
         self._limits = limits
         self._metrics = metrics
         self._prompts = PromptBuilder(backend.tokenizer)
         self._admitter = Admitter(backend, tick_window_s)
+        store = conversations or ConversationStore(
+            None, max_turns=limits.max_conversation_turns, max_conversations=limits.max_conversations,
+            max_text_chars=limits.max_line_chars, max_name_chars=limits.max_id_chars)
         self._log = log or logs.get()
+        self._dialogue = Dialogue(store, self._prompts, backend.max_seq_len, self._submit, self._log)
         self._ids = itertools.count(1)
         self._running: set[str] = set()            # engine request ids in flight
         self._wakeups: set[Callable[[], None]] = set()  # sessions to nudge on shutdown
@@ -104,7 +122,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     # --- admission ---------------------------------------------------------
 
-    def _prepare(self, req: pb.SayRequest, engine_id: str, remaining_s: float | None, caller: str) -> _Job:
+    def _prepare(self, req: pb.SayRequest, engine_id: str, remaining_s: float | None, caller: str,
+                 owner: str) -> _Job:
         """Validated request -> engine request; holds a persona lease that `_events` releases."""
         if not self._accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "npcd is shutting down; no new requests")
@@ -115,32 +134,36 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         try:
             structured, menu = structured_output(req, persona, self._limits, self._backend.check_schema)
-            prompt = self._prompts.build(persona, speaker=req.speaker or DEFAULT_SPEAKER, line=req.line,
-                                         history=req.history, context=dict(req.context), npc_id=req.npc_id,
-                                         menu=menu)
+            sampling = sampling_for(persona, req.sampling, self._limits)
+            planned = self._dialogue.plan(req, persona, owner=owner, speaker=req.speaker or DEFAULT_SPEAKER,
+                                          menu=menu, budget=self._dialogue.budget(sampling, structured is not None))
+            prompt = planned.prompt
             deadline = None
             if req.deadline_ms:
                 deadline = time.monotonic() + req.deadline_ms / 1000.0
             if remaining_s is not None:  # no point generating past the client's own deadline
                 deadline = min(deadline or math.inf, time.monotonic() + remaining_s)
             request = GenerationRequest(
-                request_id=engine_id, prompt_ids=prompt.ids,
-                sampling=sampling_for(persona, req.sampling, self._limits),
+                request_id=engine_id, prompt_ids=prompt.ids, sampling=sampling,
                 adapter=persona.id if persona.adapter_path is not None else None,
                 prefix_len=prompt.prefix_len,
                 priority=1 if req.priority == pb.PRIORITY_PLAYER else 0,
-                deadline=deadline, structured=structured, client=caller,
+                deadline=deadline, structured=structured, client=caller, cache_key=planned.cache_key,
             )
         except PromptError as exc:  # its message names the field
             self._registry.release(persona.id)
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except ConversationLimit as exc:
+            self._registry.release(persona.id)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except RequestError:
             self._registry.release(persona.id)
             raise
         except BaseException:
             self._registry.release(persona.id)
             raise
-        return _Job(client_id=req.request_id, request=request, persona=persona.id, npc_id=req.npc_id)
+        return _Job(client_id=req.request_id, request=request, persona=persona.id, npc_id=req.npc_id,
+                    segmentation=req.segmentation, remember=planned.remember, history_turns=planned.history_turns)
 
     async def _admit(self, jobs: list[_Job]) -> list[AsyncIterator | RequestError]:
         try:
@@ -156,8 +179,9 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 code = BACKEND_CODES.get(type(result), grpc.StatusCode.INTERNAL)
                 if isinstance(result, UnknownAdapter):  # its file went away between lookup and submit
                     result = RequestError(code, f"persona {job.persona!r} is no longer loaded: {result}")
-                else:
-                    result = RequestError(code, str(result), getattr(result, "retry_after_ms", 0))
+                else:  # the engine names its own request id; the client knows its own
+                    message = str(result).replace(repr(job.request.request_id), repr(job.client_id))
+                    result = RequestError(code, message, getattr(result, "retry_after_ms", 0))
             else:
                 self._running.add(job.request.request_id)
             out.append(result)
@@ -176,6 +200,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         rid = job.client_id
         last_delta = 0.0
         finished = False
+        segmenter = None if job.segmentation == pb.SEGMENTATION_NONE else Segmenter(
+            clauses=job.segmentation == pb.SEGMENTATION_CLAUSE, **self._marks)
         if hasattr(stream, "on_overflow"):
             stream.on_overflow = lambda: self._unread(job)
         try:
@@ -188,6 +214,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         self._metrics.inter_token.observe(now - last_delta)
                     last_delta = now
                     yield pb.Event(request_id=rid, delta=pb.TextDelta(text=event.text))
+                    for wire in _sentence_events(rid, segmenter.feed(event.text) if segmenter else []):
+                        yield wire
                 elif isinstance(event, FieldDone):
                     wire = field_event(rid, event.name, event.value)
                     if wire is not None:
@@ -195,7 +223,11 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 elif isinstance(event, Finished):
                     finished = True
                     self._account(job, event)
-                    yield self._finished_event(rid, event)
+                    self._remember(job, event)  # before Finished: the game's next line already sees this one
+                    if segmenter is not None and event.reason is not FinishReason.ERROR:  # the rest, then Finished
+                        for wire in _sentence_events(rid, segmenter.finish(event.text)):
+                            yield wire
+                    yield self._finished_event(job, event)
         finally:
             if not finished:  # the client went away: stop generating for it now, and still account the line
                 self._backend.cancel(job.request.request_id)
@@ -219,6 +251,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             self._log.warning("no Finished for a line whose client left", id=job.client_id, persona=job.persona)
         else:
             self._account(job, event)
+            self._remember(job, event)
 
     def _unread(self, job: _Job) -> None:
         """Its reader stopped reading: cancel the line (its Finished{CANCELLED} waits unread like the rest)."""
@@ -236,8 +269,20 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         logs.request_done(self._log, request_id=job.client_id, persona=job.persona, npc_id=job.npc_id,
                           finished=event)
 
+    def _remember(self, job: _Job, event: Finished) -> None:
+        if job.remember is not None:
+            self._dialogue.finished(job.remember, event)
+
+    async def _submit(self, request: GenerationRequest) -> AsyncIterator:
+        """One request of the daemon's own (a conversation summary), through the same admission as lines."""
+        [result] = await self._admitter.admit([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
     @staticmethod
-    def _finished_event(rid: str, event: Finished) -> pb.Event:
+    def _finished_event(job: _Job, event: Finished) -> pb.Event:
+        rid = job.client_id
         if event.reason is FinishReason.ERROR:
             code = grpc.StatusCode.INTERNAL
             return pb.Event(request_id=rid, error=pb.Error(code=code.value[0], status=code.name,
@@ -245,6 +290,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         finished = pb.Finished(
             reason=FINISH_REASONS[event.reason], text=event.text, prompt_tokens=event.prompt_tokens,
             completion_tokens=event.completion_tokens, json=event.json,
+            cached_prompt_tokens=event.cached_prompt_tokens, history_turns=job.history_turns,
             timings=pb.Timings(queued_ms=event.queued_ms, first_token_ms=event.first_token_ms,
                                total_ms=event.total_ms))
         structured_parts(finished)
@@ -252,14 +298,14 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     # --- Say -----------------------------------------------------------------
 
-    async def open_line(self, request: pb.SayRequest, who: str,
-                        remaining_s: float | None = None) -> AsyncIterator[pb.Event]:
+    async def open_line(self, request: pb.SayRequest, who: str, remaining_s: float | None = None, *,
+                        owner: str = "") -> AsyncIterator[pb.Event]:
         """One line on its own (Say, and the HTTP door): admitted now, or RequestError naming what is wrong.
         Returns the line's wire events; closing the iterator early cancels the line."""
         if not request.request_id:
             request.request_id = f"say-{next(self._ids)}"
         engine_id = f"say{next(self._ids)}:{request.request_id}"
-        job = self._prepare(request, engine_id, remaining_s, who)
+        job = self._prepare(request, engine_id, remaining_s, who, owner)
         [result] = await self._admit([job])
         if isinstance(result, RequestError):
             raise result
@@ -267,7 +313,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
 
     async def Say(self, request: pb.SayRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         try:
-            events = await self.open_line(request, caller(context), context.time_remaining())
+            events = await self.open_line(request, caller(context), context.time_remaining(), owner=owner(context))
         except RequestError as exc:
             context.set_trailing_metadata(exc.trailers())
             await context.abort(exc.code, self.rejected(exc, request).message)
@@ -285,7 +331,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
     async def Session(self, request_iterator: AsyncIterator[pb.Tick],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Event]:
         prefix = f"s{next(self._ids)}:"
-        who = caller(context)
+        who, keeper = caller(context), owner(context)
         out: asyncio.Queue[pb.Event | None] = asyncio.Queue()   # None only wakes the loop up
         live: dict[str, asyncio.Task | None] = {}                 # client request id -> pump (None: admitting)
         reader_done = False
@@ -323,7 +369,7 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                         out.put_nowait(pb.Event(request_id=req.request_id,
                                                 duplicate=pb.Duplicate(message=refused.message)))
                         continue
-                    jobs.append(self._prepare(req, prefix + req.request_id, None, who))
+                    jobs.append(self._prepare(req, prefix + req.request_id, None, who, keeper))
                 except RequestError as exc:
                     out.put_nowait(self.rejected(exc, req).event(req.request_id))
                 except Exception as exc:  # one broken request must not end the session
@@ -432,7 +478,95 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         return pb.ReloadPersonasResponse(personas=[self._persona_pb(s) for s in self._registry.states()],
                                          errors=[self._unrooted(e) for e in errors])
 
+    # --- conversations -------------------------------------------------------------
+
+    def _key(self, ref: pb.ConversationRef, context: grpc.aio.ServicerContext, *, known: bool = False) -> Key:
+        check_ref(ref, self._limits)
+        if known and self._registry.get(ref.persona) is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"persona: unknown persona {ref.persona!r}")
+        return Key(owner(context), ref.conversation, ref.persona)
+
+    def _conversation_pb(self, key: Key) -> pb.Conversation:
+        conv = self._dialogue.store.get(key)
+        msg = pb.Conversation(conversation=key.conversation, persona=key.persona)
+        if conv is not None:
+            msg.turns.extend(pb.ConversationTurn(speaker=t.speaker, text=t.text, npc=t.npc) for t in conv.turns)
+            msg.summary = conv.summary
+            msg.summarized_turns = sum(1 for t in conv.turns if t.seq < conv.summarized)
+        return msg
+
+    async def _conversation_call(self, context: grpc.aio.ServicerContext, work: Callable[[], Any]) -> Any:
+        """Runs one conversation RPC: a refusal is its status, naming the field; the store stays as it was."""
+        try:
+            return work()
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        except ConversationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ConversationLimit as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def GetConversation(self, request: pb.ConversationRef, context: grpc.aio.ServicerContext) -> pb.Conversation:
+        return await self._conversation_call(context, lambda: self._conversation_pb(self._key(request, context)))
+
+    async def ListConversations(self, request: pb.ListConversationsRequest,
+                                context: grpc.aio.ServicerContext) -> pb.ListConversationsResponse:
+        def work() -> pb.ListConversationsResponse:
+            if len(request.persona) > self._limits.max_id_chars:
+                raise invalid("persona", f"at most {self._limits.max_id_chars} characters, got {len(request.persona)}")
+            return pb.ListConversationsResponse(conversations=[
+                pb.ConversationInfo(conversation=k.conversation, persona=k.persona, turns=n, updated_unix_s=at)
+                for k, n, at in self._dialogue.store.list(owner(context), request.persona)])
+        return await self._conversation_call(context, work)
+
+    async def AddTurns(self, request: pb.AddTurnsRequest, context: grpc.aio.ServicerContext) -> pb.Conversation:
+        def work() -> pb.Conversation:
+            key = self._key(request.ref, context, known=True)
+            turns = check_turns(request.turns, "turns", self._limits)
+            self._dialogue.store.append(self._dialogue.store.get_or_new(key), turns)
+            return self._conversation_pb(key)
+        return await self._conversation_call(context, work)
+
+    async def SetConversation(self, request: pb.Conversation, context: grpc.aio.ServicerContext) -> pb.Conversation:
+        def work() -> pb.Conversation:
+            key = self._key(pb.ConversationRef(conversation=request.conversation, persona=request.persona), context,
+                            known=True)
+            turns = check_turns(request.turns, "turns", self._limits)
+            if len(request.summary) > self._limits.max_line_chars:
+                raise invalid("summary", f"at most {self._limits.max_line_chars} characters, got {len(request.summary)}")
+            if self._dialogue.store.get(key) is None:
+                self._dialogue.store.get_or_new(key)  # a new conversation counts against the client's limit
+            self._dialogue.store.replace(key, turns, request.summary)
+            return self._conversation_pb(key)
+        return await self._conversation_call(context, work)
+
+    async def ResetConversation(self, request: pb.ConversationRef,
+                                context: grpc.aio.ServicerContext) -> pb.Conversation:
+        def work() -> pb.Conversation:
+            key = self._key(request, context)
+            self._dialogue.store.delete(key)
+            return self._conversation_pb(key)
+        return await self._conversation_call(context, work)
+
+    async def ExportConversations(self, request: pb.ExportConversationsRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ConversationsBlob:
+        def work() -> pb.ConversationsBlob:
+            data, count = self._dialogue.store.export(owner(context), request.persona)
+            return pb.ConversationsBlob(data=data, conversations=count)
+        return await self._conversation_call(context, work)
+
+    async def ImportConversations(self, request: pb.ImportConversationsRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ImportConversationsResponse:
+        def work() -> pb.ImportConversationsResponse:
+            count = self._dialogue.store.import_(owner(context), request.data, replace=request.replace)
+            return pb.ImportConversationsResponse(conversations=count)
+        return await self._conversation_call(context, work)
+
     # --- shutdown ------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """After the server stopped: summaries in flight are dropped, the conversation store is closed."""
+        await self._dialogue.close()
 
     async def drain(self, grace_s: float) -> None:
         """Stop admitting; let running requests finish for up to grace_s, then cancel them.
@@ -452,6 +586,12 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
         self._closing = True
         for wake in list(self._wakeups):
             wake()
+
+
+def owner(context: grpc.aio.ServicerContext) -> str:
+    """Whose conversations a call reads and writes: the client's `x-npcd-client` name, else the one shared set (a
+    connection's address changes with every reconnect, and conversations outlive connections)."""
+    return dict(context.invocation_metadata() or ()).get(CLIENT_KEY, "")[:128]
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import Sequence
 
 import grpc
 
@@ -11,6 +12,7 @@ from npcd.engine.api import SAMPLING_BOUNDS, STOP_CHARS, STOP_STRINGS, SamplingP
 from npcd.personas.loader import Persona
 from npcd.service._proto import npcd_pb2 as pb
 from npcd.service.config import Limits
+from npcd.service.conversations import Turn
 
 DEFAULT_SPEAKER = "Player"  # who says a line when the request names nobody
 
@@ -63,6 +65,7 @@ def validate(req: pb.SayRequest, limits: Limits) -> None:
     _check_text("npc_id", req.npc_id, limits.max_id_chars, name=True)
     _check_text("speaker", req.speaker, limits.max_id_chars, name=True)
     _check_text("line", req.line, limits.max_line_chars, required=True)
+    _check_text("conversation", req.conversation, limits.max_id_chars, name=True)
     if len(req.history) > limits.max_history_turns:
         raise invalid("history", f"at most {limits.max_history_turns} turns, got {len(req.history)}")
     for i, turn in enumerate(req.history):
@@ -89,8 +92,26 @@ def validate(req: pb.SayRequest, limits: Limits) -> None:
             raise invalid(f"sampling.stop[{i}]", problem)
     if req.priority not in pb.Priority.values():
         raise invalid("priority", f"unknown value {req.priority}; use PRIORITY_AMBIENT or PRIORITY_PLAYER")
+    if req.segmentation not in pb.Segmentation.values():
+        raise invalid("segmentation", f"unknown value {req.segmentation}; use SEGMENTATION_NONE, "
+                                      f"SEGMENTATION_SENTENCE or SEGMENTATION_CLAUSE")
     if req.deadline_ms > limits.max_deadline_ms:
         raise invalid("deadline_ms", f"at most {limits.max_deadline_ms}, got {req.deadline_ms}")
+
+
+def check_ref(ref: pb.ConversationRef, limits: Limits, prefix: str = "") -> None:
+    _check_text(f"{prefix}conversation", ref.conversation, limits.max_id_chars, required=True, name=True)
+    _check_text(f"{prefix}persona", ref.persona, limits.max_id_chars, required=True, name=True)
+
+
+def check_turns(turns: Sequence[pb.ConversationTurn], field: str, limits: Limits) -> list[Turn]:
+    """Turns a game writes into a conversation, held to the limits a request's history is."""
+    if len(turns) > limits.max_conversation_turns:
+        raise invalid(field, f"at most {limits.max_conversation_turns} turns, got {len(turns)}")
+    for i, turn in enumerate(turns):
+        _check_text(f"{field}[{i}].speaker", turn.speaker, limits.max_id_chars, required=True, name=True)
+        _check_text(f"{field}[{i}].text", turn.text, limits.max_line_chars)
+    return [Turn(t.speaker, t.text, npc=t.npc) for t in turns]
 
 
 def sampling_for(persona: Persona, overrides: pb.SamplingOverrides, limits: Limits) -> SamplingParams:

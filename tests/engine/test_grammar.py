@@ -25,7 +25,8 @@ from npcd.engine.api import (
     TextDelta,
 )
 from npcd.engine.engine import Engine
-from npcd.engine.grammar import STRUCTURE_TOKENS, pack
+from npcd.engine.api import STRUCTURE_TOKENS
+from npcd.engine.grammar import pack
 from npcd.personas.actions import SAY_FIELD, Action, canonical, menu, reply_schema, text_field
 
 SELL = Action("sell", "sell an item", {"type": "object", "properties": {

@@ -124,12 +124,15 @@ def test_invalid_fields_are_invalid_argument_naming_the_field(stub, fields, name
     assert info.value.details().startswith(named), info.value.details()
 
 
-def test_prompt_longer_than_the_engine_allows_is_invalid_argument(stub):
-    history = [pb.Turn(speaker="Player", text="word " * 399) for _ in range(3)]
+def test_history_longer_than_the_engine_allows_is_trimmed_and_a_line_that_cannot_fit_names_it(stub):
+    history = [pb.Turn(speaker="Player", text=f"turn {i} " + "word " * 300) for i in range(6)]
+    finished = check_stream(say(stub, request_id="long", persona="plain", line="Hi", history=history), "long")
+    assert 0 < finished.history_turns < 6 and finished.prompt_tokens < 1024  # the newest turns that fit
     with pytest.raises(grpc.RpcError) as info:
-        say(stub, request_id="long", persona="plain", line="Hi", history=history)
+        say(stub, request_id="huge", persona="plain", line="龍" * 1500)  # within max_line_chars, ~3000 tokens
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "max_seq_len" in info.value.details()
+    details = info.value.details()
+    assert details.startswith("line: ") and "max_seq_len" in details and "'huge'" not in details, details
 
 
 def test_deadline_ends_with_finished_deadline_and_status_ok(stub):

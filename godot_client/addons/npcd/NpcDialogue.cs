@@ -8,7 +8,9 @@ namespace NpcdGodot
     /// signals text_delta, line_finished and line_failed, on the main thread. One line at a
     /// time: a new Say, or leaving the tree, cancels the line still streaming. Structured
     /// lines (Structured, SetActions or ResponseFormat) also emit emotion_changed and
-    /// action_chosen, after some text and before line_json and line_finished.</summary>
+    /// action_chosen, after some text and before line_json and line_finished. With a
+    /// Segmentation, sentence_ready brings each complete sentence (or clause) for
+    /// text-to-speech, right after the text that completed it.</summary>
     [GlobalClass]
     public partial class NpcDialogue : Node
     {
@@ -26,6 +28,9 @@ namespace NpcdGodot
         [Signal] public delegate void emotion_changedEventHandler(string requestId, string label);
         /// <summary>Structured lines: the whole reply as JSON, right before line_finished.</summary>
         [Signal] public delegate void line_jsonEventHandler(string requestId, string json);
+        /// <summary>Lines with a Segmentation: a complete sentence (or clause), index 0, 1, 2 ...;
+        /// the texts, in order, add up to the line's text exactly.</summary>
+        [Signal] public delegate void sentence_readyEventHandler(string requestId, int index, string text);
 #pragma warning restore IDE1006
 
         [Export] public string Persona { get; set; } = "";
@@ -38,6 +43,11 @@ namespace NpcdGodot
         /// <summary>A JSON Schema (JSON text) the reply follows instead; its fields arrive in
         /// line_json. Empty: none.</summary>
         [Export(PropertyHint.MultilineText)] public string ResponseFormat { get; set; } = "";
+        /// <summary>Sentence or Clause: sentence_ready for each complete sentence (or clause).</summary>
+        [Export] public Segmentation Segmentation { get; set; } = Segmentation.None;
+        /// <summary>The conversation the lines belong to (e.g. the NPC id): the daemon remembers
+        /// the turns. Empty: none.</summary>
+        [Export] public string Conversation { get; set; } = "";
 
         private NpcdLine current;
         private readonly List<ActionSpec> actions = new List<ActionSpec>();
@@ -79,7 +89,9 @@ namespace NpcdGodot
                 NpcId = NpcId,
                 Priority = PlayerPriority ? Priority.Player : Priority.Ambient,
                 Structured = Structured,
+                Segmentation = Segmentation,
             };
+            if (!string.IsNullOrEmpty(Conversation)) request.Conversation = Conversation;
             if (MaxTokens > 0) request.MaxTokens = (uint)MaxTokens;
             if (!string.IsNullOrEmpty(ResponseFormat)) request.ResponseFormat = ResponseFormat;
             request.Actions.AddRange(actions);
@@ -92,6 +104,7 @@ namespace NpcdGodot
             current.TextDelta += (l, text) => EmitSignal(SignalName.text_delta, l.Id, text, l.Text);
             current.EmotionChanged += (l, label) => EmitSignal(SignalName.emotion_changed, l.Id, label);
             current.ActionChosen += (l, action) => EmitSignal(SignalName.action_chosen, l.Id, action.Name, action.ArgsJson);
+            current.SentenceReady += (l, sentence) => EmitSignal(SignalName.sentence_ready, l.Id, sentence.Index, sentence.Text);
             current.Finished += (l, result) =>
             {
                 if (result.Json.Length > 0) EmitSignal(SignalName.line_json, l.Id, result.Json);

@@ -1,7 +1,7 @@
 extends Control
 ## Asks the NPC a line when the button is pressed; the label fills as the text streams in.
 ## The guard's lines are structured (Structured is on in the scene): its emotion and action
-## arrive as signals too.
+## arrive as signals too, and each complete sentence (Segmentation is Sentence) for a TTS voice.
 
 @onready var npc: Node = $NpcDialogue
 @onready var label: Label = $Bubble
@@ -13,6 +13,7 @@ func _ready() -> void:
 	npc.line_failed.connect(_on_line_failed)
 	npc.emotion_changed.connect(_on_emotion_changed)
 	npc.action_chosen.connect(_on_action_chosen)
+	npc.sentence_ready.connect(_on_sentence_ready)
 	button.pressed.connect(_on_ask)
 
 func _on_ask() -> void:
@@ -33,3 +34,6 @@ func _on_emotion_changed(_request_id: String, label_name: String) -> void:
 
 func _on_action_chosen(_request_id: String, action_name: String, args_json: String) -> void:
 	print("the guard does ", action_name, " ", JSON.parse_string(args_json))
+
+func _on_sentence_ready(_request_id: String, index: int, text: String) -> void:
+	print("say aloud #", index, ": ", text)  # hand it to a TTS voice here

@@ -5,9 +5,11 @@
 
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLine(UObject* WorldContextObject, const FString& Persona,
                                                   const FString& Speaker, const FString& Line, const FString& NpcId,
-                                                  int32 MaxTokens, bool Structured, const FString& ResponseFormat)
+                                                  int32 MaxTokens, bool Structured, const FString& ResponseFormat,
+                                                  ENpcdSegmentation Segmentation, const FString& Conversation)
 {
-    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens);
+    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens, Segmentation,
+                                       Conversation);
     Action->bStructured = Structured;
     Action->ResponseFormat = ResponseFormat;
     return Action;
@@ -16,9 +18,11 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLine(UObject* WorldContextObject, c
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLineWithActions(UObject* WorldContextObject, const FString& Persona,
                                                              const FString& Speaker, const FString& Line,
                                                              const FString& NpcId,
-                                                             const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens)
+                                                             const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens,
+                                                             ENpcdSegmentation Segmentation, const FString& Conversation)
 {
-    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens);
+    UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens, Segmentation,
+                                       Conversation);
     Action->bStructured = true;
     Action->Actions = Actions;
     return Action;
@@ -26,7 +30,8 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLineWithActions(UObject* WorldConte
 
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::Make(UObject* WorldContextObject, const FString& Persona,
                                                const FString& Speaker, const FString& Line, const FString& NpcId,
-                                               int32 MaxTokens)
+                                               int32 MaxTokens, ENpcdSegmentation Segmentation,
+                                               const FString& Conversation)
 {
     UNpcdSayAsyncAction* Action = NewObject<UNpcdSayAsyncAction>();
     UWorld* World = GEngine->GetWorldFromContextObject(WorldContextObject, EGetWorldErrorMode::LogAndReturnNull);
@@ -40,6 +45,8 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::Make(UObject* WorldContextObject, cons
     Action->Line = Line;
     Action->NpcId = NpcId;
     Action->MaxTokens = MaxTokens;
+    Action->Segmentation = Segmentation;
+    Action->Conversation = Conversation;
     return Action;
 }
 
@@ -55,6 +62,8 @@ void UNpcdSayAsyncAction::Activate()
         npcd_request_set_priority(Request, NPCD_PRIORITY_PLAYER);
         if (MaxTokens > 0) npcd_request_set_max_tokens(Request, static_cast<uint32_t>(MaxTokens));
         if (bStructured) npcd_request_set_structured(Request, 1);
+        bActionsOk &= npcd_request_set_segmentation(Request, static_cast<int32_t>(Segmentation)) == NPCD_OK &&
+                      npcd_request_set_conversation(Request, TCHAR_TO_UTF8(*Conversation)) == NPCD_OK;
         if (!ResponseFormat.IsEmpty())
             bActionsOk &= npcd_request_set_response_format(Request, TCHAR_TO_UTF8(*ResponseFormat)) == NPCD_OK;
         for (const FNpcdActionSpec& Spec : Actions)
@@ -68,7 +77,8 @@ void UNpcdSayAsyncAction::Activate()
     if (RequestId.IsEmpty())
     {
         OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem or connection, or an invalid persona, line, "
-                                              "speaker, npc id, response format or action; text must be valid UTF-16)"));
+                                              "speaker, npc id, conversation, response format or action; text must be "
+                                              "valid UTF-16)"));
         SetReadyToDestroy();
     }
 }
@@ -100,6 +110,9 @@ void UNpcdSayAsyncAction::OnNpcdEvent(const npcd_event& Event)
         break;
     case NPCD_EVENT_EMOTION:
         OnEmotion.Broadcast(RequestId, UTF8_TO_TCHAR(Event.emotion));
+        break;
+    case NPCD_EVENT_SENTENCE:
+        OnSentence.Broadcast(RequestId, static_cast<int32>(Event.sentence_index), UTF8_TO_TCHAR(Event.text));
         break;
     case NPCD_EVENT_FINISHED:
         OnFinished.Broadcast(RequestId, UTF8_TO_TCHAR(Event.text), Event.finish_reason, UTF8_TO_TCHAR(Event.json));

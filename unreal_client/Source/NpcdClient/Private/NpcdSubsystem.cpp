@@ -95,6 +95,10 @@ void UNpcdSubsystem::Tick(float DeltaTime)
             {
                 OnEmotion.Broadcast(Id, UTF8_TO_TCHAR(Event.emotion));
             }
+            else if (Event.kind == NPCD_EVENT_SENTENCE)
+            {
+                OnSentence.Broadcast(Id, static_cast<int32>(Event.sentence_index), UTF8_TO_TCHAR(Event.text));
+            }
             INpcdLineListener* Listener = Listeners.FindRef(Id);
             if (Event.kind == NPCD_EVENT_FINISHED || Event.kind == NPCD_EVENT_ERROR) Listeners.Remove(Id);
             if (Listener != nullptr) Listener->OnNpcdEvent(Event);

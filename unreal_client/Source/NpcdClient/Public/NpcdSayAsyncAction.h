@@ -9,6 +9,17 @@ DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdTextDelta, const FString&, R
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_FourParams(FNpcdLineFinished, const FString&, RequestId, const FString&, Text, int32, Reason, const FString&, Json);
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdLineFailed, const FString&, RequestId, int32, Code, const FString&, Message);
 
+/** Which sentence events a line sends (npcd.v1.Segmentation): On Sentence, for text-to-speech. */
+UENUM(BlueprintType)
+enum class ENpcdSegmentation : uint8
+{
+    None = 0,
+    /** One per sentence (. ! ? and their CJK, Arabic, Hindi kin). */
+    Sentence = 1,
+    /** Also at clause marks (, ; : and kin): shorter pieces, an earlier first one. */
+    Clause = 2,
+};
+
 /**
  * An action valid right now. Only a Name: the persona's action of that name. With a
  * Description or ArgsSchemaJson (a JSON Schema of the arguments object): a new action.
@@ -33,6 +44,9 @@ struct NPCDCLIENT_API FNpcdActionSpec
  * unreachable). A structured line (Structured, or "NPC Say Line With Actions") is JSON
  * {"say", "emotion", "action"}: "say" streams as text, On Emotion and On Action fire after
  * some of it, and On Finished carries the whole reply in Json ("" for a plain line).
+ * With a Segmentation, On Sentence fires with each complete sentence (or clause) right after
+ * the text that completed it, the last one right before On Finished. Conversation (often the
+ * NPC id): the daemon keeps the turns and puts the earlier ones in the prompt.
  */
 UCLASS()
 class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, public INpcdLineListener
@@ -40,16 +54,20 @@ class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, pub
     GENERATED_BODY()
 
 public:
-    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line", AdvancedDisplay = "ResponseFormat"))
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line", AdvancedDisplay = "ResponseFormat,Conversation"))
     static UNpcdSayAsyncAction* SayLine(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
                                         const FString& Line, const FString& NpcId, int32 MaxTokens = 0,
-                                        bool Structured = false, const FString& ResponseFormat = TEXT(""));
+                                        bool Structured = false, const FString& ResponseFormat = TEXT(""),
+                                        ENpcdSegmentation Segmentation = ENpcdSegmentation::None,
+                                        const FString& Conversation = TEXT(""));
 
     /** A structured line whose action is one of Actions (the persona's by name, or new ones). */
-    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line With Actions"))
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line With Actions", AdvancedDisplay = "Conversation"))
     static UNpcdSayAsyncAction* SayLineWithActions(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
                                                    const FString& Line, const FString& NpcId,
-                                                   const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens = 0);
+                                                   const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens = 0,
+                                                   ENpcdSegmentation Segmentation = ENpcdSegmentation::None,
+                                                   const FString& Conversation = TEXT(""));
 
     /** Ends the line early; On Finished then fires with Reason 3 (cancelled). */
     UFUNCTION(BlueprintCallable, Category = "npcd")
@@ -63,6 +81,9 @@ public:
     /** Structured lines: the emotion of the line, one of the persona's. */
     UPROPERTY(BlueprintAssignable)
     FNpcdEmotionChanged OnEmotion;
+    /** Lines with a Segmentation: a complete sentence (or clause), for text-to-speech. */
+    UPROPERTY(BlueprintAssignable)
+    FNpcdSentenceReady OnSentence;
     UPROPERTY(BlueprintAssignable)
     FNpcdLineFinished OnFinished;
     UPROPERTY(BlueprintAssignable)
@@ -74,11 +95,13 @@ public:
 
 private:
     static UNpcdSayAsyncAction* Make(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
-                                     const FString& Line, const FString& NpcId, int32 MaxTokens);
+                                     const FString& Line, const FString& NpcId, int32 MaxTokens,
+                                     ENpcdSegmentation Segmentation, const FString& Conversation);
 
     TWeakObjectPtr<UNpcdSubsystem> Subsystem;
-    FString Persona, Speaker, Line, NpcId, RequestId, FullText, ResponseFormat;
+    FString Persona, Speaker, Line, NpcId, RequestId, FullText, ResponseFormat, Conversation;
     int32 MaxTokens = 0;
+    ENpcdSegmentation Segmentation = ENpcdSegmentation::None;
     bool bStructured = false;
     TArray<FNpcdActionSpec> Actions;
 };

@@ -10,6 +10,9 @@
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdActionChosen, const FString&, RequestId, const FString&, ActionName, const FString&, ArgsJson);
 /** A structured line's emotion, one of the persona's labels. */
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_TwoParams(FNpcdEmotionChanged, const FString&, RequestId, const FString&, Label);
+/** A complete sentence (or clause) of a line with a Segmentation, for text-to-speech: Index 0, 1, 2 ...; the
+ *  texts, in order, add up to the line's text exactly. */
+DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdSentenceReady, const FString&, RequestId, int32, Index, const FString&, Text);
 
 /** Receives the events of one line, on the game thread. */
 class INpcdLineListener
@@ -22,8 +25,9 @@ public:
 /**
  * Owns the one npcd client of the game instance and polls it once per frame on the game
  * thread, handing each event to the listener of its request. No callback ever runs on a
- * gRPC thread. OnAction and OnEmotion fire for the structured lines of every NPC (before the
- * line's own listener), for game systems that watch them all.
+ * gRPC thread. OnAction and OnEmotion fire for the structured lines of every NPC, and OnSentence
+ * for every line with a Segmentation (before the line's own listener), for game systems that
+ * watch them all (a TTS queue, subtitles).
  */
 UCLASS()
 class NPCDCLIENT_API UNpcdSubsystem : public UGameInstanceSubsystem, public FTickableGameObject
@@ -51,6 +55,9 @@ public:
     /** Any line's emotion (structured lines), on the game thread. */
     UPROPERTY(BlueprintAssignable, Category = "npcd")
     FNpcdEmotionChanged OnEmotion;
+    /** Any line's sentences (lines with a Segmentation), on the game thread. */
+    UPROPERTY(BlueprintAssignable, Category = "npcd")
+    FNpcdSentenceReady OnSentence;
 
 private:
     npcd_client* Client = nullptr;
