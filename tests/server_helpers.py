@@ -57,6 +57,16 @@ def running_daemon(personas: Path, engine: EngineConfig, **settings) -> Iterator
             yield daemon, npcd_pb2_grpc.NpcdStub(channel)
 
 
+def engine_ids(daemon: Daemon, client_id: str) -> list[str]:
+    """Engine-side ids of running requests a client named `client_id` (the server prefixes them)."""
+    for _ in range(50):
+        try:
+            return [k for k in list(daemon.backend.engine.by_id) if k.endswith(":" + client_id)]
+        except RuntimeError:  # the engine thread changed the dict while we copied it
+            continue
+    raise AssertionError("could not read the engine's running requests")
+
+
 def say(stub: npcd_pb2_grpc.NpcdStub, **fields) -> list[pb.Event]:
     return list(stub.Say(pb.SayRequest(**fields), timeout=RPC_TIMEOUT_S))
 

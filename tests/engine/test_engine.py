@@ -24,6 +24,7 @@ from npcd.engine.api import (
 from npcd.engine.async_engine import AsyncEngine
 from npcd.engine.config import PREFILL_POLICIES
 from npcd.engine.engine import Engine
+from npcd.engine.kv_cache import PrefixCache
 
 PROMPTS = ["Hello there, traveler.", "Who goes there? Halt!", "Buy my wares, cheap!",
            "I will destroy you all.", "The road is long."]
@@ -429,3 +430,25 @@ def test_engine_describes_the_fast_path_it_resolved(tiny_config):
     assert described["device"] == "cpu" and described["dtype"] == "float32" and described["weights"] == "fp32"
     assert described["prefill_policy"] == tiny_config.prefill_policy and described["threads"] == 2
     assert described["kernels"]["lm_head"] == "fp32 linear" and described["cpu_capability"]
+
+
+def test_a_conversation_line_reuses_the_kv_of_the_last_one_and_answers_the_same(engine):
+    """The next line's prompt extends the last one's prompt and reply: it reuses their KV (the longest common
+    prefix, here all but the new turn) and its greedy text equals a fresh prefill's."""
+    system = ids(engine, "<|im_start|>system\nYou are a guard at the north gate.<|im_end|>\n")
+    first = system + ids(engine, "<|im_start|>user\nWho goes there?<|im_end|>\n<|im_start|>assistant\n")
+    one = engine.generate([GenerationRequest("c1", first, SamplingParams(max_tokens=8), adapter="merchant",
+                                             prefix_len=len(system), cache_key="gate")])[0]
+    key = (("merchant", engine.adapters()["merchant"].version), PrefixCache.CONVERSATION, "gate")
+    assert engine.prefix_cache.longest([key], first + [0], touch=False)[0] == len(first)  # kept under its key
+    extended = (first + ids(engine, one.text) + ids(engine, "<|im_end|>\n<|im_start|>user\nAnd you?<|im_end|>\n"
+                                                 "<|im_start|>assistant\n"))
+    request = GenerationRequest("c2", extended, SamplingParams(max_tokens=8), adapter="merchant",
+                                prefix_len=len(system), cache_key="gate")
+    reused = engine.generate([request])[0]
+    fresh = engine.generate([dataclass_replace(request, request_id="c2-fresh", cache_key="", prefix_len=0)])[0]
+    assert reused.text == fresh.text and fresh.cached_prompt_tokens == 0
+    assert reused.cached_prompt_tokens >= len(first)  # the first prompt, and its reply as far as it re-tokenizes
+    # another key (another conversation, or another window) never lends its KV
+    other = engine.generate([dataclass_replace(request, request_id="c3", cache_key="elsewhere")])[0]
+    assert other.cached_prompt_tokens == len(system) and other.text == fresh.text

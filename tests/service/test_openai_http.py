@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
-from server_helpers import engine_config, running_daemon, say, spawn_daemon, wait_for, write_persona
+from server_helpers import engine_config, engine_ids, running_daemon, say, spawn_daemon, wait_for, write_persona
 
 from npcd.service import config as daemon_config
 from npcd.service._proto import npcd_pb2 as pb
@@ -68,16 +68,6 @@ def metric(daemon, sample: str) -> float:
     values = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in body.splitlines()
               if line and not line.startswith("#")}
     return values.get(sample, 0.0)
-
-
-def engine_ids(daemon, client_id: str) -> list[str]:
-    """Engine-side ids of running requests whose request_id (the completion's id) is `client_id`."""
-    for _ in range(50):
-        try:
-            return [k for k in list(daemon.backend.engine.by_id) if k.endswith(":" + client_id)]
-        except RuntimeError:  # the engine thread changed the dict while we copied it
-            continue
-    raise AssertionError("could not read the engine's running requests")
 
 
 def post(address: str, body: bytes) -> tuple[int, dict]:

@@ -19,6 +19,7 @@ from server_helpers import (
     by_request,
     check_stream,
     engine_config,
+    engine_ids,
     running_daemon,
     say,
     wait_for,
@@ -53,16 +54,6 @@ def stub(served):
 @pytest.fixture
 def daemon(served):
     return served[0]
-
-
-def engine_ids(daemon, client_id: str) -> list[str]:
-    """Engine-side ids of running requests that a client named `client_id` (the server prefixes them)."""
-    for _ in range(50):
-        try:
-            return [k for k in list(daemon.backend.engine.by_id) if k.endswith(":" + client_id)]
-        except RuntimeError:  # the engine thread changed the dict while we copied it
-            continue
-    raise AssertionError("could not read the engine's running requests")
 
 
 # --- Say ---------------------------------------------------------------------------------------
