@@ -113,26 +113,28 @@ class Engine:
     # -- requests ------------------------------------------------------------
 
     def validate(self, req: GenerationRequest) -> None:
+        """InvalidRequest naming what does not fit; not the request id: the caller knows which it submitted (and a
+        server's client knows the request by its own id, not the engine's)."""
         n = len(req.prompt_ids)
         if n == 0:
-            raise InvalidRequest(f"request {req.request_id!r}: prompt is empty")
+            raise InvalidRequest("prompt is empty")
         if n >= self.max_seq_len:
-            raise InvalidRequest(f"request {req.request_id!r}: prompt has {n} tokens; max_seq_len is "
-                                 f"{self.max_seq_len} and at least one token must be generated")
+            raise InvalidRequest(f"prompt has {n} tokens; max_seq_len is {self.max_seq_len} and at least one token "
+                                 f"must be generated")
         if min(req.prompt_ids) < 0 or max(req.prompt_ids) >= self.spec.vocab_size:
-            raise InvalidRequest(f"request {req.request_id!r}: prompt token ids must be in [0, {self.spec.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.spec.vocab_size})")
         if not 0 <= req.prefix_len <= n:
-            raise InvalidRequest(f"request {req.request_id!r}: prefix_len {req.prefix_len} is outside [0, {n}]")
+            raise InvalidRequest(f"prefix_len {req.prefix_len} is outside [0, {n}]")
         # the bounds personas and wire requests are held to (npcd.engine.api), so every caller gets the same answer
         s = req.sampling
         for name, bound in SAMPLING_BOUNDS.items():
             problem = bound.check(getattr(s, name))
             if problem:
-                raise InvalidRequest(f"request {req.request_id!r}: {name} {problem}")
+                raise InvalidRequest(f"{name} {problem}")
         for i, stop in enumerate(s.stop):
             problem = STOP_CHARS.check(len(stop))
             if problem:
-                raise InvalidRequest(f"request {req.request_id!r}: stop[{i}] {problem}")
+                raise InvalidRequest(f"stop[{i}] {problem}")
 
     def retry_after_ms(self) -> int:
         """About when a queue place frees: the running line closest to its budget's end finishes (at the last

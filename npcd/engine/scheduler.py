@@ -226,7 +226,7 @@ class Scheduler:
         newcomers: list[Sequence] = []
         # the budget left after the rows already prefilling, but a player line waits for no ambient one's prompt
         # (a conversation's background window, a long bark): those rows give way below
-        top = max((w.priority for w in self.waiting.waiting()), default=0) if len(self.waiting) else 0
+        top = max((w.priority for w in self.waiting.waiting()), default=0) if prefilling and len(self.waiting) else 0
         left = budget - sum(len(seq.prompt) - seq.kv_len for seq in prefilling if seq.priority >= top)
         if len(self.waiting) and left > 0:
             newcomers = self.waiting.admit(self._kv.slots - len(self.running), left, self._fair(self._can_run))

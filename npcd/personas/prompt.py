@@ -335,16 +335,18 @@ class PromptBuilder:
         """What opens a conversation's first user turn when it has a summary."""
         return self.neutralise(f"(Earlier in this conversation: {summary.strip()})\n") if summary.strip() else ""
 
-    def prefix(self, persona: "Persona", earlier: Sequence[Exchange], summary: str, low_water: int) -> tuple[int, list[int]]:
-        """Where a full conversation's window moves to, and the ids its next prompt will begin with: the fewest
-        oldest exchanges dropped for the rest to take at most `low_water` tokens with the system turn (the
-        same rule `build` follows when a prompt does not fit)."""
-        system_ids, _ = self.system_turn(persona)
-        opening = self.opening(summary)
+    def beginning(self, persona: "Persona", earlier: Sequence[Exchange], summary: str) -> list[int]:
+        """The ids every prompt of a conversation window begins with: the system turn, then its exchanges."""
+        return self.system_turn(persona)[0] + self.earlier_ids(earlier, self.opening(summary))
+
+    def window_start(self, persona: "Persona", earlier: Sequence[Exchange], summary: str, low_water: int) -> int:
+        """Where a full conversation's window moves to: past the fewest oldest exchanges for the rest to take at
+        most `low_water` tokens with the system turn (`build`'s rule when a prompt does not fit, less the new line:
+        a background move has none yet)."""
         start = 0
-        while start < len(earlier) and len(system_ids) + len(self.earlier_ids(earlier[start:], opening)) > low_water:
+        while start < len(earlier) and len(self.beginning(persona, earlier[start:], summary)) > low_water:
             start += 1
-        return start, system_ids + self.earlier_ids(earlier[start:], opening)
+        return start
 
     def _check_alone(self, persona: "Persona", fits: Callable[[list[Any]], bool], system_ids: list[int],
                      budget: Budget, menu: str, fields: dict[str, Any]) -> None:

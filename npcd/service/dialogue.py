@@ -129,9 +129,8 @@ class Dialogue:
         # the next prompt, in the window as it is now: its exchanges, then a new user turn as long as this one's
         exchanges, starts, _ = conv.prompt_parts()
         persona, budget = remember.persona, remember.budget
-        _, beginning = self.prompts.prefix(persona, exchanges, conv.summary, self.max_seq_len)
-        if len(beginning) + remember.user_tokens > budget.move_at:
-            start, _ = self.prompts.prefix(persona, exchanges, conv.summary, budget.low_water)
+        if len(self.prompts.beginning(persona, exchanges, conv.summary)) + remember.user_tokens > budget.move_at:
+            start = self.prompts.window_start(persona, exchanges, conv.summary, budget.low_water)
             if 0 < start < len(exchanges):
                 self._warm(conv, persona, starts[start], conv.summary, self._switch_window)
 
@@ -158,7 +157,7 @@ class Dialogue:
         window and summary (a one-token line under that cache key), then calls `then` (on the event loop); the
         conversation's lines meanwhile go on as they were."""
         exchanges = Conversation(conv.key, conv.turns, window=window).prompt_parts()[0]
-        _, ids = self.prompts.prefix(persona, exchanges, summary, self.max_seq_len)
+        ids = self.prompts.beginning(persona, exchanges, summary)
         system_len = len(self.prompts.system_turn(persona)[0])
         if len(ids) <= system_len:
             then(conv, persona, window, summary)

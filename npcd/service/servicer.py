@@ -179,9 +179,8 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
                 code = BACKEND_CODES.get(type(result), grpc.StatusCode.INTERNAL)
                 if isinstance(result, UnknownAdapter):  # its file went away between lookup and submit
                     result = RequestError(code, f"persona {job.persona!r} is no longer loaded: {result}")
-                else:  # the engine names its own request id; the client knows its own
-                    message = str(result).replace(repr(job.request.request_id), repr(job.client_id))
-                    result = RequestError(code, message, getattr(result, "retry_after_ms", 0))
+                else:
+                    result = RequestError(code, str(result), getattr(result, "retry_after_ms", 0))
             else:
                 self._running.add(job.request.request_id)
             out.append(result)
