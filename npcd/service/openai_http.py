@@ -62,7 +62,7 @@ from starlette.types import Receive, Scope, Send
 from npcd.service._proto import npcd_pb2 as pb
 from npcd.service.config import DaemonConfig
 from npcd.service.registry import PersonaRegistry, Status
-from npcd.service.servicer import CLIENT_KEY
+from npcd.service.servicer import CLIENT_KEY, identity
 from npcd.service.validation import DEFAULT_SPEAKER, RequestError
 
 if TYPE_CHECKING:
@@ -451,11 +451,9 @@ class OpenAIServer:
         """(who asks, for fair shares; whose conversations the line reads and writes), as gRPC's caller() and
         owner() say for x-npcd-client: the `user` field or that header names the client; without a name each
         connection is its own client, and conversations are the one shared set."""
-        named = (chat.user or request.headers.get(CLIENT_KEY, ""))[:self._config.limits.max_id_chars]
-        if named:
-            return f"client:{named}", named
         peer = request.client
-        return (f"http:{peer.host}:{peer.port}" if peer else "http"), ""
+        return identity(chat.user or request.headers.get(CLIENT_KEY, ""),
+                        f"http:{peer.host}:{peer.port}" if peer else "http")
 
     def _display_name(self, persona_id: str) -> str:
         """Who speaks the assistant turns; an unknown persona's id stands in (the servicer refuses it anyway)."""

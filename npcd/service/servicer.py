@@ -76,6 +76,7 @@ from npcd.service.wire import Undecodable, add_service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Npcd"].full_name
 CLIENT_KEY = "x-npcd-client"
+CLIENT_NAME_CHARS = 128  # of a client's name; longer ones are cut (a name is not refused: it only groups calls)
 ABANDONED_FINISH_S = 30.0  # how long a left line's Finished is waited for (a step; 30 s covers a stalled one)
 
 @dataclass
@@ -587,17 +588,26 @@ class NpcdServicer(npcd_pb2_grpc.NpcdServicer):
             wake()
 
 
+def identity(named: str, connection: str) -> tuple[str, str]:
+    """(who a call comes from, for fair shares; whose conversations it reads and writes), from the client's name
+    (`x-npcd-client`, or the HTTP door's `user`) and its connection. A name covers one game with several
+    connections, or several games behind one proxy; without one each connection is its own client for fair
+    shares, and conversations are the one shared set (an address changes with every reconnect, and conversations
+    outlive connections)."""
+    named = named[:CLIENT_NAME_CHARS]
+    return (f"client:{named}" if named else connection), named
+
+
+def _named(context: grpc.aio.ServicerContext) -> str:
+    return dict(context.invocation_metadata() or ()).get(CLIENT_KEY, "")
+
+
 def owner(context: grpc.aio.ServicerContext) -> str:
-    """Whose conversations a call reads and writes: the client's `x-npcd-client` name, else the one shared set (a
-    connection's address changes with every reconnect, and conversations outlive connections)."""
-    return dict(context.invocation_metadata() or ()).get(CLIENT_KEY, "")[:128]
+    return identity(_named(context), context.peer())[1]
 
 
 def caller(context: grpc.aio.ServicerContext) -> str:
-    """Who a call comes from, for fair shares: the client's `x-npcd-client` metadata (one game with several
-    connections, or several games behind one proxy), else its connection."""
-    named = dict(context.invocation_metadata() or ()).get(CLIENT_KEY)
-    return f"client:{named[:128]}" if named else context.peer()
+    return identity(_named(context), context.peer())[0]
 
 
 async def start_server(servicer: NpcdServicer,

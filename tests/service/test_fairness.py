@@ -68,14 +68,14 @@ def test_a_client_that_never_reads_cannot_hold_the_engine(tmp_path, tiny_model_d
 
     with running_daemon(tmp_path, engine) as (daemon, stub):
         b_lines()  # warm
-        unloaded = statistics.median(b_lines())
+        unloaded = statistics.median(b_lines() + b_lines() + b_lines())  # 6 lines: one slow step skews 2
         ticks = iter([pb.Tick(requests=[pb.SayRequest(request_id=f"a{i}", persona="guard", line="Talk forever.",
                                                       sampling=pb.SamplingOverrides(max_tokens=500))
                                         for i in range(32)])])
         flood = stub.Session(ticks, timeout=120, metadata=(("x-npcd-client", "A"),))  # never read
         time.sleep(0.3)
         assert daemon.backend.stats().running == 4  # A holds every slot
-        loaded = statistics.median(b_lines())
+        loaded = statistics.median(b_lines() + b_lines())
         flood.cancel()
     print(f"client B line: unloaded {unloaded:.0f} ms, beside a client that never reads {loaded:.0f} ms")
     assert loaded <= 2 * unloaded, (loaded, unloaded)
