@@ -92,7 +92,8 @@ def test_say_with_actions_streams_the_line_then_the_choice(tmp_path, tiny_model_
     assert out[1:] == ['[action: sell {"item": "sword"}]']  # the only action, and its only argument value
 
 
-def test_say_local_starts_its_own_daemon(tmp_path, tiny_model_dir, capsys):
+def test_say_local_starts_its_own_daemon(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("NPCD_CONVERSATIONS", str(tmp_path / "conversations.sqlite3"))  # not beside npcd.yaml
     (tmp_path / "p").mkdir()
     write_persona(tmp_path / "p", "elf")
     engine = tmp_path / "engine.yaml"
