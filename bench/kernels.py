@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multilora import machine_limits  # noqa: E402
 
-from npcd.engine.kernels import load_cpu_kernels, why_unavailable  # noqa: E402
+from npcd.engine.kernels import build_cpu_kernels, load_cpu_kernels, runnable_isa_levels, why_unavailable  # noqa: E402
 from npcd.engine.quant import BlockLinear, quantize_q4_1, quantize_q8_0  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (out, in) per layer
@@ -70,16 +70,18 @@ def main(argv: list[str] | None = None) -> int:
                 q.numel() + scales.numel() * 2)
 
     add("torch _weight_int8pack_mm (bf16 act)", int8pack)
-    kernel = load_cpu_kernels()
-    if kernel is None:
+    if load_cpu_kernels() is None:
         print(f"npcd block kernel unavailable: {why_unavailable()}")
     else:
-        for name, quantize in (("npcd q4_1 block kernel (int4)", quantize_q4_1),
-                               ("npcd q8_0 block kernel (int8)", quantize_q8_0)):
-            def make(w: torch.Tensor, quantize=quantize):
-                linear = BlockLinear(quantize(w), kernel)
-                return linear, linear.nbytes
-            add(name, make)
+        # every build this CPU runs (on an AVX-512 VNNI machine, the AVX2 build too): what the wider path buys
+        builds = [b for b in map(build_cpu_kernels, runnable_isa_levels()) if b is not None]
+        for build in reversed(builds):
+            path = build.module.path().split(",")[0]
+            for mode, quantize in (("int4", quantize_q4_1), ("int8", quantize_q8_0)):
+                def make(w: torch.Tensor, quantize=quantize, build=build):
+                    linear = BlockLinear(quantize(w), build)
+                    return linear, linear.nbytes
+                add(f"npcd {quantize.__name__.removeprefix('quantize_')} {path} ({mode})", make)
 
     print(f"\n{'kernel':<40}" + "".join(f"{'M=' + str(m):>22}" for m in (1, 8, 32)))
     for name, (layers, nbytes) in kernels.items():

@@ -23,9 +23,11 @@ its batch companions. With a scale per row and block, every output element is
 computed from its own row alone in a fixed order, so a line's text is the same
 alone and batched (bit-identical logits; tested).
 
-One step's 210 projection GEMMs on the 2-core AVX2 development machine, ms
-(batch 1 / 8 / 32): fp32 `F.linear` 43.8 / 57.6 / 136; int4 kernel 9.5 / 35.6 /
-103; int8 kernel 10.0 / 32.2 / 111 (bench/kernels.py prints these for any machine).
+One step's 210 projection GEMMs, ms (batch 1 / 8 / 32; bench/kernels.py prints these
+for any machine): on the 2-core AVX2 EPYC fp32 `F.linear` 43.8 / 57.6 / 136, int4
+kernel 9.5 / 35.6 / 103, int8 kernel 10.0 / 32.2 / 111; on the 2-core Zen 4, whose
+build runs the AVX-512 VNNI path, fp32 28.6 / 33.1 / 62.7, bf16 (native there)
+11.5 / 12.7 / 19.5, int4 3.0-3.5 / 6.7-7.8 / 20-22, int8 4.7-4.8 / 10.4-12 / 22-27.
 
 The LoRA deltas stay in floating point on top of the quantized base (QLoRA-style
 serving): bf16 weights with fp32 activations and accumulation in the block modes
@@ -127,16 +129,19 @@ class DenseLinear:
 
 
 class BlockLinear:
-    """x [n, K] fp32 -> [n, N] fp32 through the block kernel."""
+    """x [n, K] fp32 -> [n, N] fp32 through the block kernel. The weight's bytes are kept only in the layout
+    the kernel's build reads (`pack`: GGML's own on AVX2, 16-block groups on AVX-512 VNNI)."""
 
     def __init__(self, weight: BlockWeight, kernel: LoadedKernel):
-        self.weight, self._op = weight, kernel.module.linear
-        self.nbytes = weight.nbytes
+        self._op = kernel.module.linear
         self._q4 = weight.kind == "q4_1"
+        self._n = weight.shape[0]
+        self._q, self._sums = kernel.module.pack(weight.q, *weight.shape, self._q4)
+        self._d, self._m = weight.d, weight.m
+        self.nbytes = weight.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return self._op(x.contiguous(), w.q, w.d, w.m, w.shape[0], self._q4)
+        return self._op(x.contiguous(), self._q, self._sums, self._d, self._m, self._n, self._q4)
 
 
 class WeightFactory:
@@ -182,7 +187,8 @@ class WeightFactory:
             dense = f"{self.mode} linear"
             return {"projections": dense, "lm_head": dense}
         flags = " ".join(f.removeprefix("-m") for f in self.kernel.flags)
-        activations = f"int8 activations per row and block of 32, npcd blockq kernel ({flags})"
+        activations = (f"int8 activations per row and block of 32, npcd blockq kernel "
+                       f"({self.kernel.module.path()}; {flags})")
         proj = "q4_1" if self.mode == "int4" else "q8_0"
         note = f"; {self.fallbacks} weights kept fp32 (inputs not a multiple of 32)" if self.fallbacks else ""
         return {"projections": f"{proj} weights x {activations}{note}", "lm_head": f"q8_0 weights x {activations}"}

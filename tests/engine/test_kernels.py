@@ -14,13 +14,15 @@ from npcd.engine.quant import BlockLinear, quantize_activations, quantize_q4_1, 
 pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=f"CPU kernels: {why_unavailable()}")
 
 QUANTIZERS = {"q4_1": quantize_q4_1, "q8_0": quantize_q8_0}
-# (N, K): the bundled model's four projection shapes, a narrow one, and N not a multiple of the kernel's 4-row tile
-SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (48, 64), (7, 96)]
+# (N, K): the bundled model's four projection shapes, narrow ones, N not a multiple of the kernel's 4-row tile, and
+# last groups of 1, 2, 3 and 15 blocks (the VNNI layout groups 16 blocks of 32)
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (48, 64), (7, 96), (5, 544), (9, 992)]
 
 
 @pytest.fixture(scope="module")
 def kernel():
     return load_cpu_kernels()
+
 
 
 def activations(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -33,10 +35,10 @@ def activations(rows: int, k: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_block_linear_matches_the_dequantized_reference(kernel, kind, shape):
+def test_block_linear_matches_the_dequantized_reference(build, kind, shape):
     n, k = shape
     weight = QUANTIZERS[kind](torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
-    linear = BlockLinear(weight, kernel)
+    linear = BlockLinear(weight, build)
     for rows in (1, 2, 5, 33):
         x = activations(rows, k, rows)
         expected = quantize_activations(x).double() @ weight.dequantize().double().T
@@ -46,10 +48,11 @@ def test_block_linear_matches_the_dequantized_reference(kernel, kind, shape):
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-def test_a_rows_result_does_not_depend_on_its_batch(kernel, kind):
-    weight = QUANTIZERS[kind](torch.randn(576, 1536) * 0.05)
-    linear = BlockLinear(weight, kernel)
-    x = activations(32, 1536, 0)
+@pytest.mark.parametrize("k", [1536, 576])  # whole 16-block groups; a 2-block last group (VNNI layout)
+def test_a_rows_result_does_not_depend_on_its_batch(build, kind, k):
+    weight = QUANTIZERS[kind](torch.randn(576, k) * 0.05)
+    linear = BlockLinear(weight, build)
+    x = activations(32, k, 0)
     batched = linear(x)
     for i in range(32):
         assert torch.equal(linear(x[i:i + 1]), batched[i:i + 1])
@@ -72,9 +75,9 @@ def test_requantizing_the_bundled_model_recovers_its_weights(real_model_dir):
 def test_block_kernel_refuses_bad_shapes_by_name(kernel):
     weight = quantize_q8_0(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
-        kernel.module.linear(torch.randn(1, 48), weight.q, weight.d, weight.m, 8, False)
+        kernel.module.linear(torch.randn(1, 48), weight.q, torch.empty(0, dtype=torch.int32), weight.d, weight.m, 8, False)
     with pytest.raises(RuntimeError, match="contiguous fp32"):
-        kernel.module.linear(torch.randn(1, 64).double(), weight.q, weight.d, weight.m, 8, False)
+        kernel.module.linear(torch.randn(1, 64).double(), weight.q, torch.empty(0, dtype=torch.int32), weight.d, weight.m, 8, False)
 
 
 def test_fused_norms_and_silu_match_torch(kernel):

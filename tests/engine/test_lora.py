@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from npcd.engine.kernels import load_cpu_kernels, why_unavailable
+from npcd.engine.kernels import build_cpu_kernels, load_cpu_kernels, runnable_isa_levels, why_unavailable
 from npcd.engine.lora import (
     GROUPS,
     GatherCache,
@@ -180,6 +180,46 @@ def test_segmented_kernel_gives_a_row_the_same_delta_alone_and_batched(stacks):
             alone = torch.zeros(1, width)
             make_batch(stacks, [slot], SEGMENTED).add_delta(x[i:i + 1], alone, layer, group)
             assert torch.equal(alone[0], batched[i]), (layer, group, i)
+
+
+# Output widths that take every column path of the kernel (128, 64, 32, 16 and 8 wide, then single columns)
+WIDE = {"q_proj": (64, 251), "k_proj": (64, 72), "v_proj": (64, 72), "o_proj": (251, 64),
+        "gate_proj": (64, 136), "up_proj": (64, 136), "down_proj": (136, 64)}
+
+
+@pytest.fixture(scope="module")
+def wide_stacks() -> LoraStacks:
+    gen = torch.Generator().manual_seed(5)
+    st = LoraStacks(WIDE, 1, 4, torch.bfloat16, torch.device("cpu"))
+    for slot in range(4):
+        st.write(slot, {(0, m): (torch.randn(64, i, generator=gen) / i ** 0.5, torch.randn(o, 64, generator=gen) / 8)
+                        for m, (i, o) in WIDE.items()})
+    return st
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", GROUPS)
+def test_segmented_kernel_at_widths_that_take_every_vector_path(build, wide_stacks, group):
+    """Against torch matmuls over the same bf16 stacks, in every build this machine runs; and the AVX-512 and
+    AVX2 builds agree bit for bit: both sum each element as one FMA chain over k ascending, only the vector
+    width differs, so a line's adapter delta does not depend on the CPU kind or the path a build takes."""
+    rows = [0, 0, 0, 1, 2, 2, 3, -1, 1]
+    stack = wide_stacks.stacks[(0, group)]
+    x = torch.randn(len(rows), stack.A.shape[1], generator=torch.Generator().manual_seed(3))
+    got = torch.zeros(len(rows), sum(b.shape[2] for b in stack.B))
+    SegmentedLoraBatch(rows, wide_stacks, build.module.lora_add).add_delta(x, got, 0, group)
+    rank = stack.B[0].shape[1]
+    for i, slot in enumerate(rows):
+        if slot < 0:
+            assert torch.equal(got[i], torch.zeros_like(got[i]))
+            continue
+        h = x[i].double() @ stack.A[slot].double()
+        expected = torch.cat([h[m * rank:(m + 1) * rank] @ b[slot].double() for m, b in enumerate(stack.B)])
+        torch.testing.assert_close(got[i].double(), expected, rtol=1e-5, atol=1e-5)
+    for flags in runnable_isa_levels():
+        other = torch.zeros_like(got)
+        SegmentedLoraBatch(rows, wide_stacks, build_cpu_kernels(flags).module.lora_add).add_delta(x, other, 0, group)
+        assert torch.equal(got, other), flags
 
 
 def test_plan_buckets_is_optimal():

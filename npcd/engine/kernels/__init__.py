@@ -5,7 +5,9 @@ step (norms, SiLU, rotary embedding, attention), `lora.cpp` the segmented
 mixed-adapter LoRA delta; each file's header says what it computes and why
 PyTorch's own paths were not enough. They are one extension, built with torch's
 C++ extension loader at the first start that needs it (~45 s on 2 cores), with the
-ISA flags this CPU has, into `<npcd cache>/kernels/<flags>-<sources hash>-torch<version>`;
+ISA flags this CPU has (AVX2/FMA/F16C, plus the AVX-512 VNNI set where all of it is
+there: blockq.cpp then runs its VNNI path), into
+`<npcd cache>/kernels/<flags>-<sources hash>-torch<version>`;
 later starts load the cached library in well under a second. A machine without
 AVX2/FMA or a C++ compiler, or where the build fails (no Python headers, say),
 gets `None`, `why_unavailable()` says why, and `weights: auto` falls back to
@@ -25,8 +27,30 @@ from types import ModuleType
 from npcd.engine.platform import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp"))
-# The flags that change the generated code; a cache directory is specific to them.
-ISA_FLAGS = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"}
+# The flags that change the generated code; a cache directory is specific to them. Each set is used whole
+# or not at all: the VNNI path of blockq.cpp needs every flag of its set.
+ISA_SETS = (
+    {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
+    {"avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq",
+     "avx512_vnni": "-mavx512vnni"},
+)
+
+
+def runnable_isa_levels() -> list[tuple[str, ...]]:
+    """The flags of every build this CPU runs, narrowest first: [AVX2] or [AVX2, AVX2 + AVX-512 VNNI]."""
+    have = cpu_flags()
+    levels: list[tuple[str, ...]] = []
+    for isa in ISA_SETS:
+        if not set(isa) <= have:
+            break
+        levels.append((levels[-1] if levels else ()) + tuple(isa.values()))
+    return levels
+
+
+def machine_isa() -> tuple[str, ...]:
+    """The flags of the widest build this CPU runs (the one the engine loads)."""
+    levels = runnable_isa_levels()
+    return levels[-1] if levels else ()
 
 
 @dataclass(frozen=True)
@@ -73,17 +97,26 @@ def _clear_stale_lock(lock: Path) -> None:
 
 @cache
 def load_cpu_kernels() -> LoadedKernel | None:
-    """The compiled extension, or None where `why_unavailable()` says why not."""
+    """The extension compiled for this CPU, or None where `why_unavailable()` says why not."""
     if why_unavailable() is not None:
         return None
+    return build_cpu_kernels(machine_isa())
+
+
+def build_cpu_kernels(flags: tuple[str, ...]) -> LoadedKernel | None:
+    """The extension compiled with exactly `flags` (one of `runnable_isa_levels()`: tests build the AVX2
+    path on an AVX-512 machine this way); None, with the reason kept for `why_unavailable()`, on failure."""
+    return _build(flags, SOURCES)
+
+
+@cache
+def _build(flags: tuple[str, ...], sources: tuple[Path, ...]) -> LoadedKernel | None:
     import torch
     from torch.utils import cpp_extension
 
     from npcd.engine.weights import cache_root
 
-    have = cpu_flags()
-    flags = tuple(flag for name, flag in ISA_FLAGS.items() if name in have)
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:12]
     tag = "-".join(f.removeprefix("-m") for f in flags)
     build_dir = cache_root() / "kernels" / f"{tag}-{digest}-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +124,7 @@ def load_cpu_kernels() -> LoadedKernel | None:
     cached = any(build_dir.glob("*.so"))
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(name=f"npcd_cpu_{digest}", sources=[str(p) for p in SOURCES],
+        module = cpp_extension.load(name=f"npcd_cpu_{digest}", sources=[str(p) for p in sources],
                                     build_directory=str(build_dir),
                                     extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"],
                                     verbose=False)

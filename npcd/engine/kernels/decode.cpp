@@ -17,6 +17,10 @@
 //       rope(v)[c] = v[c] cos[p,c] - v[c+half] sin[p,c] (c < half),  v[c] cos[p,c] + v[c-half] sin[p,c] (c >= half)
 //       K[s, g, p] = rope(k_g),  V[s, g, p] = v_g                 (g < nkv; every token's, before any query)
 //       out[t, h] = sum_{j<=p} softmax_j(scale * <rope(q_h), K[s, h / (nh/nkv), j]>) V[s, h / (nh/nkv), j]
+// Scores are computed 4 keys at a time (independent FMA chains, each key's sum in the
+// same order) and exponentiated 8 lanes at a time (exp8): 34 prompt tokens over 700
+// cached ones, 30 layers, 51 -> 33 ms on the 2-core Zen 4 (a blocked variant that read
+// each key and value row once per 4 tokens x 3 heads measured no faster there).
 // A token's attention is the same arithmetic whether it is a decode row, part of a
 // prompt, or alone: no padding, no blocking that depends on the batch. PyTorch's
 // scaled_dot_product_attention over padded prompt blocks rounded differently with the
@@ -98,6 +102,15 @@ inline void rope(const float* v, const float* cs, const float* sn, float* out, i
   for (int64_t c = half; c < hd; ++c) out[c] = v[c] * cs[c] + v[c - half] * sn[c];
 }
 
+#ifdef __AVX2__
+inline float hsum8(__m256 acc) {
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+#endif
+
 // <a, b> over n floats in a fixed order (8 lanes, then the lanes summed, then the tail).
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t c = 0;
@@ -105,12 +118,65 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #ifdef __AVX2__
   __m256 acc = _mm256_setzero_ps();
   for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  total = _mm_cvtss_f32(s4);
+  total = hsum8(acc);
 #endif
   for (; c < n; ++c) total += a[c] * b[c];
+  return total;
+}
+
+#ifdef __AVX2__
+// dot(q, keys + j * hd, hd) for 4 consecutive keys, each in dot()'s order (so the same bits): four
+// independent FMA chains instead of one, which a single dot leaves waiting on its own latency.
+inline void dot4(const float* q, const float* keys, int64_t hd, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < hd; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + k * hd + c), acc[k]);
+  }
+  for (int k = 0; k < 4; ++k) out[k] = hsum8(acc[k]);
+}
+
+// e^x on 8 lanes for x <= 0 (softmax scores less their maximum): x = n ln2 + r, |r| <= ln2/2, e^r by a
+// degree-6 polynomial (Cephes' coefficients), times 2^n from the exponent bits; below -87.3 it is 0.
+// Within 2 ulp of std::exp, and each lane depends on its own input only.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+#endif
+
+// scores[j] = e^(scores[j] - top) for j < count; their sum, in a fixed order (8 lanes, then the tail).
+inline float exp_shifted(float* scores, int64_t count, float top) {
+  int64_t j = 0;
+  float total = 0.0f;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(top);
+  for (; j + 8 <= count; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), t));
+    _mm256_storeu_ps(scores + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum8(acc);
+#endif
+  for (; j < count; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
   return total;
 }
 
@@ -157,16 +223,18 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& slots, co
       const float* keys = kc + (slot * nkv + g) * S * hd;
       const float* vals = vc + (slot * nkv + g) * S * hd;
       scores.resize(p + 1);
+      int64_t j = 0;
+#ifdef __AVX2__
+      if (hd % 8 == 0)
+        for (; j + 4 <= p + 1; j += 4) dot4(qr.data(), keys + j * hd, hd, scores.data() + j);
+#endif
+      for (; j <= p; ++j) scores[j] = dot(qr.data(), keys + j * hd, hd);
       float top = -INFINITY;
-      for (int64_t j = 0; j <= p; ++j) {
-        scores[j] = dot(qr.data(), keys + j * hd, hd) * static_cast<float>(scale);
+      for (j = 0; j <= p; ++j) {
+        scores[j] *= static_cast<float>(scale);
         top = std::max(top, scores[j]);
       }
-      float total = 0.0f;
-      for (int64_t j = 0; j <= p; ++j) {
-        scores[j] = std::exp(scores[j] - top);
-        total += scores[j];
-      }
+      const float total = exp_shifted(scores.data(), p + 1, top);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j = 0; j <= p; ++j)
         for (int64_t c = 0; c < hd; ++c) acc[c] += scores[j] * vals[j * hd + c];
