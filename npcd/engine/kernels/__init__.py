@@ -27,6 +27,7 @@ from types import ModuleType
 from npcd.engine.platform import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the build's identity, not compiled on their own
 # The flags that change the generated code; a cache directory is specific to them. Each set is used whole
 # or not at all: the VNNI path of blockq.cpp needs every flag of its set.
 ISA_SETS = (
@@ -116,7 +117,8 @@ def _build(flags: tuple[str, ...], sources: tuple[Path, ...]) -> LoadedKernel | 
 
     from npcd.engine.weights import cache_root
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(flags).encode()).hexdigest()[:12]
+    code = b"".join(p.read_bytes() for p in (*sources, *HEADERS))
+    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:12]
     tag = "-".join(f.removeprefix("-m") for f in flags)
     build_dir = cache_root() / "kernels" / f"{tag}-{digest}-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)

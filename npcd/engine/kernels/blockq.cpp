@@ -50,8 +50,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 #define NPCD_AVX2 1
 #endif
 #if defined(NPCD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -142,12 +143,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
 }
 
 #ifdef NPCD_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // <u8[32], s8[32]> as 8 int32 lanes -> float
 inline __m256 dot_u8s8(__m256i u, __m256i s) {
@@ -209,7 +204,7 @@ inline void tile(const uint8_t* w8, const float* scale, const float* mw, const i
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r) total[i][r] = hsum(acc[i][r]);
+    for (int r = 0; r < R; ++r) total[i][r] = hsum8(acc[i][r]);
 #else
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < R; ++r) {

@@ -34,9 +34,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -101,15 +99,6 @@ inline void rope(const float* v, const float* cs, const float* sn, float* out, i
   for (int64_t c = 0; c < half; ++c) out[c] = v[c] * cs[c] - v[c + half] * sn[c];
   for (int64_t c = half; c < hd; ++c) out[c] = v[c] * cs[c] + v[c - half] * sn[c];
 }
-
-#ifdef __AVX2__
-inline float hsum8(__m256 acc) {
-  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  return _mm_cvtss_f32(s4);
-}
-#endif
 
 // <a, b> over n floats in a fixed order (8 lanes, then the lanes summed, then the tail).
 inline float dot(const float* a, const float* b, int64_t n) {

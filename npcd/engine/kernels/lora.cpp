@@ -48,85 +48,81 @@ inline float to_float(uint16_t v) {
   return f;
 }
 
+// One vector width's operations, so that rows_times_vec is written once for 8 and 16 floats.
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-#endif
-
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-// rows_times_vec on 16-float vectors: the same FMA chain per element, so the same bits as the AVX2 path.
-template <int kR, int kV, typename TW>
-inline void rows_times_vec16(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0,
-                             float* const* dst, bool accumulate) {
-  __m512 acc[kR][kV];
-  for (int i = 0; i < kR; ++i)
-    for (int v = 0; v < kV; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[kV];
-    for (int v = 0; v < kV; ++v) wv[v] = load16(W + k * ld + c0 + 16 * v);
-    for (int i = 0; i < kR; ++i) {
-      const __m512 xk = _mm512_set1_ps(src[i][k]);
-      for (int v = 0; v < kV; ++v) acc[i][v] = _mm512_fmadd_ps(xk, wv[v], acc[i][v]);
-    }
+struct Ymm {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
-  for (int i = 0; i < kR; ++i)
-    for (int v = 0; v < kV; ++v) {
-      float* d = dst[i] + c0 + 16 * v;
-      _mm512_storeu_ps(d, accumulate ? _mm512_add_ps(_mm512_loadu_ps(d), acc[i][v]) : acc[i][v]);
-    }
-}
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+#if defined(__AVX512F__)
+struct Zmm {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const uint16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
 #endif
 
-// dst[i][c0..c0+8*kV) = sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld), for kR rows.
+#if defined(__AVX2__) && defined(__FMA__)
+// dst[i][c0..c0+kWidth*kV) = sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld), for kR rows.
 // `accumulate`: dst += instead of =. Every element is an FMA chain over k ascending, whichever
-// width the caller picked, so its value never depends on how the work was cut.
-template <int kR, int kV, typename TW>
+// width the caller picked, so its value never depends on how the work was cut nor on the vector width.
+template <class S, int kR, int kV, typename TW>
 inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0,
                            float* const* dst, bool accumulate) {
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[kR][kV];
+  typename S::V acc[kR][kV];
   for (int i = 0; i < kR; ++i)
-    for (int v = 0; v < kV; ++v) acc[i][v] = _mm256_setzero_ps();
+    for (int v = 0; v < kV; ++v) acc[i][v] = S::zero();
   for (int64_t k = 0; k < K; ++k) {
-    __m256 wv[kV];
-    for (int v = 0; v < kV; ++v) wv[v] = load8(W + k * ld + c0 + 8 * v);
+    typename S::V wv[kV];
+    for (int v = 0; v < kV; ++v) wv[v] = S::load(W + k * ld + c0 + S::kWidth * v);
     for (int i = 0; i < kR; ++i) {
-      const __m256 xk = _mm256_set1_ps(src[i][k]);
-      for (int v = 0; v < kV; ++v) acc[i][v] = _mm256_fmadd_ps(xk, wv[v], acc[i][v]);
+      const typename S::V xk = S::set1(src[i][k]);
+      for (int v = 0; v < kV; ++v) acc[i][v] = S::fmadd(xk, wv[v], acc[i][v]);
     }
   }
   for (int i = 0; i < kR; ++i)
     for (int v = 0; v < kV; ++v) {
-      float* d = dst[i] + c0 + 8 * v;
-      _mm256_storeu_ps(d, accumulate ? _mm256_add_ps(_mm256_loadu_ps(d), acc[i][v]) : acc[i][v]);
+      float* d = dst[i] + c0 + S::kWidth * v;
+      S::store(d, accumulate ? S::add(S::load(d), acc[i][v]) : acc[i][v]);
     }
-#endif
 }
+#endif
 
 template <int kR, typename TW>
 inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0, int64_t w,
                        float* const* dst, bool accumulate) {
   int64_t c = c0;
 #if defined(__AVX512F__)
-  for (; c + 128 <= c0 + w; c += 128) rows_times_vec16<kR, 8>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 64 <= c0 + w; c += 64) rows_times_vec16<kR, 4>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 32 <= c0 + w; c += 32) rows_times_vec16<kR, 2>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 16 <= c0 + w; c += 16) rows_times_vec16<kR, 1>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 128 <= c0 + w; c += 128) rows_times_vec<Zmm, kR, 8>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Zmm, kR, 4>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Zmm, kR, 2>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 16 <= c0 + w; c += 16) rows_times_vec<Zmm, kR, 1>(src, W, ld, K, c, dst, accumulate);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kR == 1)  // a lone row has the registers for 64 columns (128 contiguous bf16 bytes) per pass
-    for (; c + 64 <= c0 + w; c += 64) rows_times_vec<kR, 8>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<kR, 4>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 8 <= c0 + w; c += 8) rows_times_vec<kR, 1>(src, W, ld, K, c, dst, accumulate);
+    for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Ymm, kR, 8>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Ymm, kR, 4>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 8 <= c0 + w; c += 8) rows_times_vec<Ymm, kR, 1>(src, W, ld, K, c, dst, accumulate);
 #endif
   for (int i = 0; i < kR; ++i)
     for (int64_t e = c; e < c0 + w; ++e) {
