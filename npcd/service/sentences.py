@@ -16,7 +16,9 @@ What is pinned (tests/service/test_sentences.py):
 * The pieces do not depend on how the text was chunked into deltas: a cut is
   decided only once every character it depends on has arrived.
 * A boundary is a run of marks (with closing quotes and brackets right after
-  them: `"Stop!" he said` ends after the quote, never between ! and ").
+  them, never cut between ! and "). A run that ends in a closing quote or
+  bracket followed by a lowercase word is a dialogue tag, no boundary:
+  `"Stop!" he said.` is one sentence, `"Stop!" She ran.` two.
   Marks that also occur inside numbers, abbreviations and words (ASCII, Latin
   and the General / Supplemental Punctuation blocks: . ! ? ... and dashes) end
   a piece only before whitespace, so 3.5, e.g., U.S.A and 1990-2000 stay
@@ -175,6 +177,9 @@ class Segmenter:
                 word += 1
             if word == n:  # punctuation or spaces so far: they may still belong to this piece
                 return None
+            if _is_closer(text[j - 1]) and text[word].islower():  # "Stop!" he said: the tag goes on
+                i = self._scan = j
+                continue
             spaces = [k for k in range(j, word) if text[k].isspace()]
             return spaces[-1] + 1 if spaces else j
         self._scan = n

@@ -33,7 +33,8 @@ def streamed(chunks: list[str], clauses: bool = False) -> list[Piece]:
 @pytest.mark.parametrize("text, expected", [
     ("Hello there. How are you? Fine!", ["Hello there. ", "How are you? ", "Fine!"]),
     ("Run!! Now?! Go.", ["Run!! ", "Now?! ", "Go."]),
-    ('"Stop!" he said. Then he left.', ['"Stop!" ', "he said. ", "Then he left."]),
+    ('"Stop!" he said. Then he left.', ['"Stop!" he said. ', "Then he left."]),  # a dialogue tag goes on
+    ('(Yes!) and then? (no.) fine.', ["(Yes!) and then? ", "(no.) fine."]),
     ("(Loudly!) He ran.", ["(Loudly!) ", "He ran."]),
     ("\u201cStop!\u201d She ran.", ["\u201cStop!\u201d ", "She ran."]),
     ("It costs 3.5 gold. Fine.", ["It costs 3.5 gold. ", "Fine."]),
