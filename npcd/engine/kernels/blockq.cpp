@@ -277,6 +277,7 @@ void gemm_rows(const uint8_t* wq, const float* dw, const float* mw, const int8_t
 template <bool kQ4, int R, int MR>
 __attribute__((always_inline)) inline void tail_vnni(const uint8_t* w, int64_t wstride, const float* dw, const float* mw, const int32_t* wsum,
                       const uint8_t* xq, const float* dx, const float* sx, int64_t K, int64_t g0,
+                      const int32_t* tail_blocks,
                       __m512 (&acc)[MR][R]) {
   const int64_t nb = K / kBlock, n = nb - g0;
   const __mmask16 nmask = static_cast<__mmask16>((1u << n) - 1);
@@ -287,9 +288,7 @@ __attribute__((always_inline)) inline void tail_vnni(const uint8_t* w, int64_t w
   for (int64_t z = 0; z * 16 < words; ++z) {
     const int64_t left = std::min<int64_t>(16, words - z * 16);
     const __mmask16 mz = static_cast<__mmask16>((1u << left) - 1);
-    alignas(64) int32_t block_of[16];  // lane k's block: (16 z + k) mod n
-    for (int k = 0; k < 16; ++k) block_of[k] = static_cast<int32_t>((16 * z + k) % n);
-    const __m512i idx = _mm512_load_si512(block_of);
+    const __m512i idx = _mm512_loadu_si512(tail_blocks + 16 * z);  // lane k's block: (16 z + k) mod n
     __m512 dxp[MR];
     for (int i = 0; i < MR; ++i) dxp[i] = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(nmask, dx + i * nb + g0));
     for (int r = 0; r < R; ++r) {
@@ -330,7 +329,8 @@ __attribute__((always_inline)) inline void tail_vnni(const uint8_t* w, int64_t w
 // group's 8 words, then converted and scaled once: acc += dw*dx * dot (+ mw * sx for q4_1).
 template <bool kQ4, int R, int MR>
 __attribute__((always_inline)) inline void tile_vnni(const uint8_t* w, int64_t wstride, const float* dw, const float* mw, const int32_t* wsum,
-                      const uint8_t* xq, const float* dx, const float* sx, float* y, int64_t K, int64_t N) {
+                      const uint8_t* xq, const float* dx, const float* sx, float* y, int64_t K, int64_t N,
+                      const int32_t* tail_blocks) {
   const int64_t nb = K / kBlock;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[MR][R];
@@ -386,7 +386,7 @@ __attribute__((always_inline)) inline void tile_vnni(const uint8_t* w, int64_t w
       }
     }
   }
-  if (full < nb) tail_vnni<kQ4, R, MR>(w, wstride, dw, mw, wsum, xq, dx, sx, K, full, acc);
+  if (full < nb) tail_vnni<kQ4, R, MR>(w, wstride, dw, mw, wsum, xq, dx, sx, K, full, tail_blocks, acc);
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < R; ++r) y[i * N + r] = _mm512_reduce_add_ps(acc[i][r]);
 }
@@ -397,6 +397,11 @@ void gemm_rows_vnni(const uint8_t* wq, const float* dw, const float* mw, const i
                     int64_t o_end) {
   const int64_t nb = K / kBlock, wstride = kQ4 ? K / 2 : K;
   constexpr int kRows = 4;  // activation rows per tile: 16 int32 accumulators, 8 unpacked weight vectors
+  // the last short group's lane -> block table ([vector z][lane k] = (16 z + k) mod n), once per call:
+  // at most 15 blocks of 8 words, 8 vectors
+  const int64_t tail = nb % kGroup;
+  alignas(64) int32_t tail_blocks[8 * 16];
+  for (int64_t k = 0; tail && k < 8 * 16; ++k) tail_blocks[k] = static_cast<int32_t>(k % tail);
   for (int64_t o0 = o_begin; o0 < o_end; o0 += kTile) {
     const int64_t rows = std::min(kTile, o_end - o0);
     const uint8_t* w = wq + o0 * wstride;
@@ -407,19 +412,19 @@ void gemm_rows_vnni(const uint8_t* wq, const float* dw, const float* mw, const i
       int64_t m = 0;
       for (; m + kRows <= M; m += kRows)
         tile_vnni<kQ4, kTile, kRows>(w, wstride, dwo, mwo, wso, xq + m * K, dx + m * nb, sx + m * nb,
-                                     y + m * N + o0, K, N);
+                                     y + m * N + o0, K, N, tail_blocks);
       for (; m + 2 <= M; m += 2)
         tile_vnni<kQ4, kTile, 2>(w, wstride, dwo, mwo, wso, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0,
-                                 K, N);
+                                 K, N, tail_blocks);
       for (; m < M; ++m)
         tile_vnni<kQ4, kTile, 1>(w, wstride, dwo, mwo, wso, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0,
-                                 K, N);
+                                 K, N, tail_blocks);
     } else {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t m = 0; m < M; ++m)
           tile_vnni<kQ4, 1, 1>(w + r * wstride, wstride, dwo + r * nb, kQ4 ? mwo + r * nb : nullptr,
                                kQ4 ? nullptr : wso + r * nb, xq + m * K, dx + m * nb, sx + m * nb,
-                               y + m * N + o0 + r, K, N);
+                               y + m * N + o0 + r, K, N, tail_blocks);
     }
   }
 }

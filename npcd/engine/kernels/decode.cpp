@@ -19,9 +19,9 @@
 //       out[t, h] = sum_{j<=p} softmax_j(scale * <rope(q_h), K[s, h / (nh/nkv), j]>) V[s, h / (nh/nkv), j]
 // Scores are computed 4 keys at a time (independent FMA chains, each key's sum in the
 // same order), exponentiated 8 lanes at a time (exp8), and the values summed with the
-// accumulators in registers: 34 prompt tokens over 700 cached ones, 30 layers, 51 -> 33 ms
-// on the 2-core Zen 4 for the first two (a blocked variant that read each key and value
-// row once per 4 tokens x 3 heads measured no faster there).
+// accumulators in registers: 34 prompt tokens over 700 cached ones, 30 layers, on the
+// 2-core Zen 4: 51 ms before, 33 with the first two, 19 with all three (a blocked variant
+// that read each key and value row once per 4 tokens x 3 heads measured no faster).
 // A token's attention is the same arithmetic whether it is a decode row, part of a
 // prompt, or alone: no padding, no blocking that depends on the batch. PyTorch's
 // scaled_dot_product_attention over padded prompt blocks rounded differently with the
@@ -135,9 +135,6 @@ inline void dot4(const float* q, const float* keys, int64_t hd, float* out) {
   for (int k = 0; k < 4; ++k) out[k] = hsum8(acc[k]);
 }
 
-#endif
-
-#ifdef __AVX2__
 // acc[c] = sum_j w[j] * vals[j * hd + c], hd = 8 * kV: the accumulators stay in registers.
 template <int kV>
 inline void weighted_sum_vec(const float* w, const float* vals, int64_t count, float* acc) {
