@@ -53,6 +53,11 @@ ggml_cmake_args() {
     args+=" -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VBMI=OFF"
   fi
   if has_flag avx_vnni; then args+=" -DGGML_AVX_VNNI=ON"; else args+=" -DGGML_AVX_VNNI=OFF"; fi
+  # AMX (Sapphire Rapids and later): llama.cpp's AMX buffer type takes Q4_1 and
+  # Q8_0 weights, so the peer gets the tile path wherever the CPU has it.
+  for f in tile int8 bf16; do
+    if has_flag "amx_$f"; then args+=" -DGGML_AMX_${f^^}=ON"; else args+=" -DGGML_AMX_${f^^}=OFF"; fi
+  done
   # The multimodal (mtmd/llava) library is only loaded lazily for vision chat
   # formats; skipping it shortens the build.
   args+=" -DLLAVA_BUILD=OFF"

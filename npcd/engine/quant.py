@@ -27,7 +27,10 @@ One step's 210 projection GEMMs, ms (batch 1 / 8 / 32; bench/kernels.py prints t
 for any machine): on the 2-core AVX2 EPYC fp32 `F.linear` 43.8 / 57.6 / 136, int4
 kernel 9.5 / 35.6 / 103, int8 kernel 10.0 / 32.2 / 111; on the 2-core Zen 4, whose
 build runs the AVX-512 VNNI path, fp32 28.6 / 33.1 / 62.7, bf16 (native there)
-11.5 / 12.7 / 19.5, int4 3.0-3.5 / 6.7-7.8 / 20-22, int8 4.7-4.8 / 10.4-12 / 22-27.
+11.5 / 12.7 / 19.5, int4 3.0-3.5 / 6.7-7.8 / 20-22, int8 4.7-4.8 / 10.4-12 / 22-27; on the
+2-core Sapphire Rapids, whose build runs the AMX tiles, fp32 21.9 / 52.6 / 77.2, bf16
+21.4 / 21.1 / 26.0, int4 4.3 / 7.4 / 17.8 (the VNNI build there: 4.9 / 9.3 / 25.4), int8
+7.1 / 8.3 / 12.9 (VNNI: 6.9 / 13.1 / 26.8).
 
 The LoRA deltas stay in floating point on top of the quantized base (QLoRA-style
 serving): bf16 weights with fp32 activations and accumulation in the block modes
@@ -130,14 +133,15 @@ class DenseLinear:
 
 class BlockLinear:
     """x [n, K] fp32 -> [n, N] fp32 through the block kernel. The weight's bytes are kept only in the layout
-    the kernel's build reads (`pack`: GGML's own on AVX2, 16-block groups on AVX-512 VNNI)."""
+    the kernel's build reads (`pack`: GGML's own on AVX2, 16-block groups on AVX-512 VNNI, 16-channel strips on
+    AMX)."""
 
     def __init__(self, weight: BlockWeight, kernel: LoadedKernel):
         self._op = kernel.module.linear
         self._q4 = weight.kind == "q4_1"
         self._n = weight.shape[0]
-        self._q, self._sums = kernel.module.pack(weight.q, *weight.shape, self._q4)
-        self._d, self._m = weight.d, weight.m
+        self._q, self._sums, self._d, self._m = kernel.module.pack(weight.q, weight.d, weight.m, *weight.shape,
+                                                                   self._q4)
         self.nbytes = weight.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,4 +195,6 @@ class WeightFactory:
                        f"({self.kernel.module.path()}; {flags})")
         proj = "q4_1" if self.mode == "int4" else "q8_0"
         note = f"; {self.fallbacks} weights kept fp32 (inputs not a multiple of 32)" if self.fallbacks else ""
+        if self.kernel.skipped:  # a wider build that did not compile or run here: say so, it costs speed
+            note += f"; passed over: {'; '.join(self.kernel.skipped)}"
         return {"projections": f"{proj} weights x {activations}{note}", "lm_head": f"q8_0 weights x {activations}"}

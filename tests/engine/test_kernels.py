@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npcd.engine.kernels import load_cpu_kernels, why_unavailable
+from npcd.engine.kernels import load_cpu_kernels, machine_isa, why_unavailable
 from npcd.engine.model import LlamaModel, RowBlock
 from npcd.engine.ops import FusedOps, TorchOps
 from npcd.engine.quant import BlockLinear, quantize_activations, quantize_q4_1, quantize_q8_0
@@ -39,7 +39,7 @@ def test_block_linear_matches_the_dequantized_reference(build, kind, shape):
     n, k = shape
     weight = QUANTIZERS[kind](torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.05)
     linear = BlockLinear(weight, build)
-    for rows in (1, 2, 5, 33):
+    for rows in (1, 2, 5, 21, 33):  # AMX: VNNI alone, a 5-row tile, a zero-padded tile, tiles + VNNI
         x = activations(rows, k, rows)
         expected = quantize_activations(x).double() @ weight.dequantize().double().T
         got = linear(x)
@@ -158,3 +158,8 @@ def test_a_stale_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
     _clear_stale_lock(lock)
     assert not lock.exists()
     _clear_stale_lock(lock)  # no lock: nothing to do
+
+
+def test_the_engine_loads_the_widest_build_this_cpu_runs(kernel):
+    # a narrower build only where a wider one failed or was refused, and then the startup log says why
+    assert kernel.flags == machine_isa() or (kernel.skipped and all(kernel.skipped))

@@ -12,7 +12,7 @@ from npcd.engine import platform
 from npcd.engine.api import GenerationRequest, SamplingParams
 from npcd.engine.config import EngineConfig
 from npcd.engine.engine import Engine
-from npcd.engine.kernels import why_unavailable
+from npcd.engine.kernels import runnable_isa_levels, why_unavailable
 
 needs_kernel = pytest.mark.skipif(why_unavailable() is not None, reason=f"block kernel: {why_unavailable()}")
 
@@ -103,13 +103,50 @@ def test_a_failed_kernel_build_falls_back_and_names_the_error(monkeypatch, tmp_p
     monkeypatch.setenv("NPCD_CACHE", str(tmp_path))
     monkeypatch.setattr(kernels, "SOURCES", (tmp_path / "broken.cpp",))
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "_build_error", [])
+    monkeypatch.setattr(kernels, "_build_errors", {})
+    monkeypatch.setattr(kernels, "_unavailable", [])
     kernels.load_cpu_kernels.cache_clear()
     try:
         assert kernels.load_cpu_kernels() is None
         assert kernels.why_unavailable().startswith("the kernel build failed in ")
         placed = platform.place(EngineConfig(device="cpu"))
         assert placed.weights in ("fp32", "bf16") and "the kernel build failed" in placed.reason
+    finally:
+        kernels.load_cpu_kernels.cache_clear()
+
+
+# The macro that only the widest build of each level defines, so a source can fail in that build alone.
+WIDEST_MACRO = {"-mavx512vnni": "__AVX512VNNI__", "-mamx-int8": "__AMX_INT8__"}
+
+
+@pytest.mark.skipif(why_unavailable() is not None or len(runnable_isa_levels()) < 2,
+                    reason="no build, or one build level on this CPU: nothing narrower to fall back to")
+def test_a_wider_build_that_fails_gives_way_to_the_next_and_says_so(monkeypatch, tmp_path):
+    """An AMX build that does not compile (an older compiler) must not cost the VNNI one: the engine loads the
+    next narrower build and keeps why it passed over the wider one for the startup log."""
+    from npcd.engine import kernels
+
+    levels = runnable_isa_levels()
+    widest = levels[-1]
+    source = tmp_path / "only_narrow.cpp"
+    source.write_text(f"""#ifdef {WIDEST_MACRO[widest[-1]]}
+#error "refused on purpose in the widest build"
+#endif
+#include <torch/extension.h>
+std::string path() {{ return "narrow"; }}
+std::string refusal() {{ return ""; }}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{ m.def("path", &path); m.def("refusal", &refusal); }}
+""")
+    monkeypatch.setenv("NPCD_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "SOURCES", (source,))
+    monkeypatch.setattr(kernels, "_build_errors", {})
+    monkeypatch.setattr(kernels, "_unavailable", [])
+    kernels.load_cpu_kernels.cache_clear()
+    try:
+        loaded = kernels.load_cpu_kernels()
+        assert loaded is not None and loaded.flags == levels[-2] and loaded.module.path() == "narrow"
+        assert len(loaded.skipped) == 1 and loaded.skipped[0].startswith("the kernel build failed in ")
+        assert kernels.build_error(widest) == loaded.skipped[0] and kernels.why_unavailable() is None
     finally:
         kernels.load_cpu_kernels.cache_clear()
 

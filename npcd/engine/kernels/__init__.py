@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -27,18 +27,21 @@ from types import ModuleType
 from npcd.engine.platform import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp"))
-HEADERS = (Path(__file__).with_name("simd.h"),)  # part of the build's identity, not compiled on their own
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "blockq_amx.h"))  # part of the build's identity, not compiled on their own
 # The flags that change the generated code; a cache directory is specific to them. Each set is used whole
-# or not at all: the VNNI path of blockq.cpp needs every flag of its set.
+# or not at all: the VNNI path of blockq.cpp needs every flag of its set, the AMX path (blockq_amx.h) both tile
+# flags on top of it.
 ISA_SETS = (
     {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
     {"avx512f": "-mavx512f", "avx512bw": "-mavx512bw", "avx512vl": "-mavx512vl", "avx512dq": "-mavx512dq",
      "avx512_vnni": "-mavx512vnni"},
+    {"amx_tile": "-mamx-tile", "amx_int8": "-mamx-int8"},
 )
 
 
 def runnable_isa_levels() -> list[tuple[str, ...]]:
-    """The flags of every build this CPU runs, narrowest first: [AVX2] or [AVX2, AVX2 + AVX-512 VNNI]."""
+    """The flags of every build this CPU runs, narrowest first: [AVX2], [AVX2, + AVX-512 VNNI] or
+    [AVX2, + AVX-512 VNNI, + AMX]."""
     have = cpu_flags()
     levels: list[tuple[str, ...]] = []
     for isa in ISA_SETS:
@@ -49,7 +52,7 @@ def runnable_isa_levels() -> list[tuple[str, ...]]:
 
 
 def machine_isa() -> tuple[str, ...]:
-    """The flags of the widest build this CPU runs (the one the engine loads)."""
+    """The flags of the widest build this CPU runs (the one the engine loads when it builds and runs)."""
     levels = runnable_isa_levels()
     return levels[-1] if levels else ()
 
@@ -60,15 +63,17 @@ class LoadedKernel:
     flags: tuple[str, ...]
     build_s: float   # 0.0 when the cached build was loaded
     path: Path
+    skipped: tuple[str, ...] = ()  # wider builds passed over, with the reason (load_cpu_kernels)
 
 
-_build_error: list[str] = []  # the failed build's message, once load_cpu_kernels() has tried
+_build_errors: dict[tuple[str, ...], str] = {}  # a failed build's message, by its flags
+_unavailable: list[str] = []  # why no build loads, once load_cpu_kernels() has tried them all
 
 
 def why_unavailable() -> str | None:
     """None when the kernels can be built here (or are built), else the reason they cannot."""
-    if _build_error:
-        return _build_error[0]
+    if _unavailable:
+        return _unavailable[0]
     missing = [f for f in ("avx2", "fma") if f not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
@@ -98,15 +103,33 @@ def _clear_stale_lock(lock: Path) -> None:
 
 @cache
 def load_cpu_kernels() -> LoadedKernel | None:
-    """The extension compiled for this CPU, or None where `why_unavailable()` says why not."""
+    """The widest build that compiles and runs here, or None where `why_unavailable()` says why not.
+
+    A build that fails, or that the machine refuses (the OS may withhold the AMX tile state), gives way to the
+    next narrower one; `skipped` on the result says what was passed over and why."""
     if why_unavailable() is not None:
         return None
-    return build_cpu_kernels(machine_isa())
+    skipped: list[str] = []
+    for flags in reversed(runnable_isa_levels()):
+        built = build_cpu_kernels(flags)
+        if built is None:
+            skipped.append(_build_errors[flags])
+        elif refusal := built.module.refusal():
+            skipped.append(f"the {built.module.path()} build cannot run here: {refusal}")
+        else:
+            return replace(built, skipped=tuple(skipped))
+    _unavailable.append("; ".join(skipped))
+    return None
+
+
+def build_error(flags: tuple[str, ...]) -> str | None:
+    """Why the build with exactly `flags` failed, once `build_cpu_kernels(flags)` has returned None."""
+    return _build_errors.get(flags)
 
 
 def build_cpu_kernels(flags: tuple[str, ...]) -> LoadedKernel | None:
     """The extension compiled with exactly `flags` (one of `runnable_isa_levels()`: tests build the AVX2
-    path on an AVX-512 machine this way); None, with the reason kept for `why_unavailable()`, on failure."""
+    path on an AVX-512 machine this way); None on failure, the reason kept for `load_cpu_kernels()`."""
     return _build(flags, SOURCES)
 
 
@@ -132,7 +155,7 @@ def _build(flags: tuple[str, ...], sources: tuple[Path, ...]) -> LoadedKernel | 
                                     verbose=False)
     except Exception as exc:  # noqa: BLE001 -- any build failure means: serve with PyTorch's kernels
         message = str(exc).strip().splitlines()
-        _build_error.append(f"the kernel build failed in {build_dir}: {message[-1] if message else exc!r}")
+        _build_errors[flags] = f"the kernel build failed in {build_dir}: {message[-1] if message else exc!r}"
         return None
     return LoadedKernel(module=module, flags=flags, build_s=0.0 if cached else time.perf_counter() - start,
                         path=build_dir)

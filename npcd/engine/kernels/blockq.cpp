@@ -58,10 +58,20 @@
 #if defined(NPCD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define NPCD_VNNI 1
 #endif
+#if defined(NPCD_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define NPCD_AMX 1      // blockq_amx.h: AMX tile products over 16-channel strips
+#elif defined(NPCD_VNNI)
+#define NPCD_GROUPS 1   // the VNNI kernel over 16-block groups below
+#endif
+
+constexpr int64_t kBlock = 32;  // inputs per scale, in every build
+
+#ifdef NPCD_AMX
+#include "blockq_amx.h"
+#endif
 
 namespace {
 
-constexpr int64_t kBlock = 32;
 constexpr int64_t kGroup = 16;  // VNNI layout: blocks per group, one int32 lane each
 
 // VNNI layout: the position, in 4-byte words from the row's start, of word w of block b in a
@@ -72,19 +82,18 @@ inline int64_t group_word(int64_t b, int64_t w, int64_t nb, int64_t wpb) {
   return g0 * wpb + w * n + b % kGroup;
 }
 
-// Per-row, per-block int8 quantization of the activations, plus each block's sum. The VNNI
-// build stores the bytes in its group layout, offset by 128 (unsigned) when `offset` (q8_0).
+// Per-row, per-block int8 quantization of the activations, plus each block's sum, offset by 128
+// (unsigned bytes) when `offset`. The VNNI group build stores the bytes in its group layout.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx, bool offset) {
   const int64_t nb = K / kBlock;
   at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* src = x + i * kBlock;  // rows are contiguous, so block i of the flat [M*nb] grid
-#ifdef NPCD_VNNI
+#ifdef NPCD_GROUPS
       alignas(32) int8_t staged[kBlock];
       int8_t* dst = staged;
 #else
       int8_t* dst = xq + i * kBlock;
-      (void)offset;
 #endif
 #ifdef NPCD_AVX2
       const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -114,12 +123,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
       __m256i p23 = _mm256_packs_epi32(q[2], q[3]);
       __m256i p = _mm256_packs_epi16(p01, p23);
       p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                          offset ? _mm256_xor_si256(p, _mm256_set1_epi8(static_cast<char>(0x80))) : p);
       dx[i] = d;
       sx[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
-#ifdef NPCD_VNNI
-      if (offset) _mm256_store_si256(reinterpret_cast<__m256i*>(staged),
-                                     _mm256_xor_si256(p, _mm256_set1_epi8(static_cast<char>(0x80))));
+#ifdef NPCD_GROUPS
       int32_t* row = reinterpret_cast<int32_t*>(xq + (i / nb) * K);
       const int32_t* words = reinterpret_cast<const int32_t*>(staged);
       for (int64_t w = 0; w < kBlock / 4; ++w) row[group_word(i % nb, w, nb, kBlock / 4)] = words[w];
@@ -132,7 +140,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
       int sum = 0;
       for (int j = 0; j < kBlock; ++j) {
         const int v = static_cast<int>(std::nearbyint(src[j] * id));
-        dst[j] = static_cast<int8_t>(v);
+        dst[j] = static_cast<int8_t>(offset ? v ^ 0x80 : v);
         sum += v;
       }
       dx[i] = d;
@@ -268,7 +276,7 @@ void gemm_rows(const uint8_t* wq, const float* dw, const float* mw, const int8_t
   }
 }
 
-#ifdef NPCD_VNNI
+#ifdef NPCD_GROUPS
 // The last group of a row when it holds n < 16 blocks (K = 576: 2 blocks). Its words are read as
 // contiguous vectors instead of one column per vector, so the 2 blocks cost 2 vpdpbusd, not 16:
 // lane k of vector z holds word (column c, block l) with c * n + l = 16 z + k, the lanes are not
@@ -430,14 +438,22 @@ void gemm_rows_vnni(const uint8_t* wq, const float* dw, const float* mw, const i
 }
 #endif
 
-// The weights in the layout this build's `linear` reads, and (VNNI, q8_0) 128 * sum(q) per block:
-// [packed [N, K/2 or K] bytes, sums [N, K/32] int32 or empty]. AVX2 reads the GGML layout as it is.
-std::vector<torch::Tensor> pack(const torch::Tensor& wq, int64_t N, int64_t K, bool q4) {
+// The weights in the layout this build's `linear` reads: [words, sums, dw, mw]. AVX2 reads the GGML
+// layout and the scales as they are; the VNNI group build reorders the words and adds 128 * sum(q) per
+// block for q8_0; the AMX build stores strips of 16 channels with their scales (blockq_amx.h).
+std::vector<torch::Tensor> pack(const torch::Tensor& wq, const torch::Tensor& dw, const torch::Tensor& mw, int64_t N,
+                                int64_t K, bool q4) {
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
   TORCH_CHECK(wq.is_contiguous() && wq.numel() == (q4 ? N * K / 2 : N * K), "wq has the wrong size for N=", N,
               ", K=", K);
+  TORCH_CHECK(dw.is_contiguous() && dw.scalar_type() == torch::kFloat32 && dw.numel() == N * (K / kBlock),
+              "dw must be N*K/32 contiguous fp32 scales");
+  TORCH_CHECK(!q4 || (mw.is_contiguous() && mw.scalar_type() == torch::kFloat32 && mw.numel() == N * (K / kBlock)),
+              "mw must be N*K/32 contiguous fp32 minimums for q4_1");
+#if defined(NPCD_AMX)
+  return amx::pack_strips(wq, dw, mw, N, K, q4);
+#elif defined(NPCD_GROUPS)
   auto sums = torch::empty({0}, wq.options().dtype(torch::kInt32));
-#ifdef NPCD_VNNI
   const int64_t nb = K / kBlock, wpb = q4 ? 4 : 8, row_words = nb * wpb;
   auto packed = torch::empty_like(wq);
   const auto* src = static_cast<const int32_t*>(wq.data_ptr());
@@ -457,35 +473,57 @@ std::vector<torch::Tensor> pack(const torch::Tensor& wq, int64_t N, int64_t K, b
       }
     }
   });
-  return {packed, sums};
+  return {packed, sums, dw, mw};
 #else
-  return {wq, sums};
+  return {wq, torch::empty({0}, wq.options().dtype(torch::kInt32)), dw, mw};
 #endif
 }
 
-// x [M, K] fp32 times the weights `pack` returned (wq, wsum), scales dw [N, K/32] and (q4_1) mins mw.
+// x [M, K] fp32 times the weights `pack` returned: words, sums, scales dw and (q4_1) minimums mw.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wsum,
                      const torch::Tensor& dw, const torch::Tensor& mw, int64_t N, bool q4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t M = x.size(0), K = x.size(1), nb = K / kBlock;
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
-  TORCH_CHECK(dw.numel() == N * (K / kBlock), "dw must hold N*K/32 scales");
+#ifdef NPCD_AMX
+  const int64_t padded = amx::strips(N) * amx::kStrip * nb;  // scale vectors per strip and block
+  TORCH_CHECK(wq.nbytes() == padded * (q4 ? 16 : 32), "wq is not this build's packed layout for N=", N, ", K=", K,
+              " (pack it with pack())");
+  TORCH_CHECK(dw.numel() == padded && (!q4 || mw.numel() == padded),
+              "dw and mw must be the scales pack() returned for N=", N, ", K=", K);
+  TORCH_CHECK(amx::refusal().empty(), amx::refusal());
+  const bool offset = false;  // the tile and VNNI products take the activations signed
+#else
+  TORCH_CHECK(dw.numel() == N * nb, "dw must hold N*K/32 scales");
   TORCH_CHECK(wq.numel() == (q4 ? N * K / 2 : N * K), "wq has the wrong size for N=", N, ", K=", K);
-#ifdef NPCD_VNNI
-  TORCH_CHECK(q4 || wsum.numel() == N * (K / kBlock), "wsum must hold N*K/32 block sums (from pack)");
+#ifdef NPCD_GROUPS
+  TORCH_CHECK(q4 || wsum.numel() == N * nb, "wsum must hold N*K/32 block sums (from pack)");
+  const bool offset = !q4;
+#else
+  const bool offset = false;
+#endif
 #endif
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto dx = torch::empty({M, K / kBlock}, x.options());
-  auto sx = torch::empty({M, K / kBlock}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), !q4);
-  const auto* w = static_cast<const uint8_t*>(wq.data_ptr());
+  auto dx = torch::empty({M, nb}, x.options());
+  auto sx = torch::empty({M, nb}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), offset);
   const float* mptr = q4 ? mw.data_ptr<float>() : nullptr;
+#ifdef NPCD_AMX
+  const auto* words = static_cast<const int32_t*>(wq.data_ptr());
+  if (q4)
+    amx::linear_strips<true>(xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), words,
+                             dw.data_ptr<float>(), mptr, y.data_ptr<float>(), M, N, K);
+  else
+    amx::linear_strips<false>(xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), words,
+                              dw.data_ptr<float>(), mptr, y.data_ptr<float>(), M, N, K);
+#else
+  const auto* w = static_cast<const uint8_t*>(wq.data_ptr());
   // Grain: enough output rows per task that a thread streams a long run of weights.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-#ifdef NPCD_VNNI
+#ifdef NPCD_GROUPS
     const auto* xu = reinterpret_cast<const uint8_t*>(xq.data_ptr<int8_t>());
     const int32_t* sums = q4 ? nullptr : wsum.data_ptr<int32_t>();
     if (q4)
@@ -504,12 +542,24 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wq, const torc
                        sx.data_ptr<float>(), y.data_ptr<float>(), M, N, K, begin, end);
 #endif
   });
+#endif
   return y;
+}
+
+// Why this build cannot run here ("" when it can): the AMX build needs the OS to grant the tile state.
+std::string refusal() {
+#ifdef NPCD_AMX
+  return amx::refusal();
+#else
+  return "";
+#endif
 }
 
 // Which arithmetic this build runs, for the startup log.
 std::string path() {
-#if defined(NPCD_VNNI)
+#if defined(NPCD_AMX)
+  return "amx-int8 tiles, 16-channel strips";
+#elif defined(NPCD_VNNI)
   return "avx512-vnni, 16-block groups";
 #elif defined(NPCD_AVX2)
   return "avx2 maddubs";
@@ -538,4 +588,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_simd", &has_simd, "whether the AVX2 path was compiled in");
   m.def("pack", &pack, "the block weights in the layout this build's linear reads");
   m.def("path", &path, "which arithmetic this build runs");
+  m.def("refusal", &refusal, "why this build cannot run on this machine; empty when it can");
 }
