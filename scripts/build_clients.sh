@@ -10,15 +10,23 @@
 # BUILD_DIR/unreal/NpcdClient/       the Unreal plugin: unreal_client/ + the C header + the library
 #
 # The C# sources live once, in csharp/Npcd; the staged packages get copies, made here.
-# Needs cmake, a C/C++ compiler, grpc++ and protobuf (with protoc and grpc_cpp_plugin), and
-# mcs for the C# part. Windows and macOS builds: see cpp_client/README.md.
+# Needs cmake, a C/C++ compiler, grpc++ and protobuf (with protoc and grpc_cpp_plugin), Debian's
+# deb-src entries for the self-contained library, and mcs for the C# part. Windows and macOS
+# builds: see cpp_client/README.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(mkdir -p "${1:-$root/build/clients}" && cd "${1:-$root/build/clients}" && pwd)"
 jobs="$(nproc 2>/dev/null || echo 2)"
 
 echo "== native library"
-cmake -S "$root/cpp_client" -B "$out/native" -DCMAKE_BUILD_TYPE=Release >/dev/null
+# Self-contained by default (only libc, libm and the loader needed at run time; cpp_client/README.md).
+# NPCD_CLIENT_LINK=system links the system's shared grpc++ instead: quicker to build, not shippable.
+native_args=(-DCMAKE_BUILD_TYPE=Release)
+if [ "${NPCD_CLIENT_LINK:-self-contained}" = self-contained ]; then
+    native_args+=(-DNPCD_CLIENT_SELF_CONTAINED=ON
+                  "-DNPCD_PIC_SOURCE_DIR=$("$root/cpp_client/cmake/debian_pic_sources.sh" "$out/pic-sources")")
+fi
+cmake -S "$root/cpp_client" -B "$out/native" "${native_args[@]}" >/dev/null
 cmake --build "$out/native" -j "$jobs"
 lib="$out/native/libnpcd_client.so"
 
@@ -47,6 +55,7 @@ cp -R "$root/unity_client/." "$unity/"
 mkdir -p "$unity/Runtime/Binding" "$unity/Plugins/Linux/x86_64"
 cp "$root"/csharp/Npcd/*.cs "$unity/Runtime/Binding/"
 cp "$lib" "$unity/Plugins/Linux/x86_64/libnpcd_client.so"
+cp "$root/LICENSE" "$unity/LICENSE.md"
 add_unity_metas "$unity"
 
 echo "== Godot addon"
@@ -56,6 +65,7 @@ cp -R "$root/godot_client/addons/npcd/." "$godot/"
 mkdir -p "$godot/binding" "$godot/bin/linux-x64"
 cp "$root"/csharp/Npcd/*.cs "$godot/binding/"
 cp "$lib" "$godot/bin/linux-x64/libnpcd_client.so"
+cp "$root/LICENSE" "$godot/LICENSE"
 
 echo "== Unreal plugin"
 unreal="$out/unreal/NpcdClient"
@@ -64,5 +74,6 @@ cp -R "$root/unreal_client/." "$unreal/"
 mkdir -p "$unreal/ThirdParty/npcd_client/include" "$unreal/ThirdParty/npcd_client/lib/Linux"
 cp "$root/cpp_client/include/npcd_client.h" "$unreal/ThirdParty/npcd_client/include/"
 cp "$lib" "$unreal/ThirdParty/npcd_client/lib/Linux/libnpcd_client.so"
+cp "$root/LICENSE" "$unreal/LICENSE"
 
 echo "built into $out"

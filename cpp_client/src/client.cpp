@@ -6,18 +6,12 @@
 #include <string>
 #include <vector>
 
+#include "client.h"
 #include "event.h"
 #include "npcd_client.h"
 #include "request.h"
 #include "session.h"
 #include "utf8.h"
-
-struct npcd_client {
-    std::unique_ptr<npcd::Session> session;
-    uint64_t ticks_sent = 0;
-    npcd::v1::Tick pending;  // this frame's requests and cancels
-    std::vector<npcd::Event> delivered;  // backs the strings of the last poll
-};
 
 namespace {
 

@@ -61,6 +61,8 @@ public:
     // Moves up to `max` events, oldest first, into `out`.
     void take(std::vector<Event>* out, size_t max);
     bool in_flight(const std::string& request_id) const;
+    // ListPersonas on the session's channel, with its token; waits at most `timeout` (for the channel too).
+    grpc::Status list_personas(std::chrono::milliseconds timeout, v1::ListPersonasResponse* out) const;
     int32_t state() const;
 
 private:

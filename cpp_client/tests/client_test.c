@@ -1,7 +1,7 @@
 /*
  * Tests of the C ABI against a real daemon. One flow per run:
  *
- *   npcd_client_test stream|tick|cancel|structured|large
+ *   npcd_client_test stream|tick|cancel|structured|large|personas
  *                                         needs NPCD_TEST_ADDR (a running daemon); structured
  *                                         also a persona "merchant" that declares emotions
  *                                         and actions
@@ -882,9 +882,58 @@ static void test_secure(void) {
     free(key);
 }
 
+/* The daemon's personas through the C ABI: every test persona, ready, with its metadata as JSON; a closed
+ * port answers NPCD_ERR_RPC with UNAVAILABLE within the timeout; bad arguments are refused by name. */
+static void test_personas(void) {
+    const char *addr = env_or_skip("NPCD_TEST_ADDR");
+    npcd_client *c = connect_to(addr, 60);
+    npcd_persona_list *list = NULL;
+    int32_t code = -1;
+    CHECK(npcd_list_personas(c, 10000, &list, &code) == NPCD_OK && list != NULL && code == 0,
+          "npcd_list_personas: %s", npcd_last_error());
+    CHECK(npcd_persona_list_count(list) == persona_count, "%d personas listed, want %d",
+          npcd_persona_list_count(list), persona_count);
+    for (int i = 0; i < persona_count; i++) {
+        const npcd_persona *found = NULL;
+        for (int j = 0; j < npcd_persona_list_count(list); j++)
+            if (strcmp(npcd_persona_list_get(list, j)->id, personas[i]) == 0) found = npcd_persona_list_get(list, j);
+        CHECK(found != NULL, "persona %s not listed", personas[i]);
+        CHECK(found->status == NPCD_PERSONA_READY && found->error[0] == 0, "%s: status %d, error '%s'", found->id,
+              found->status, found->error);
+        CHECK(found->display_name[0] != 0 && found->description[0] != 0, "%s: no display name or description",
+              found->id);
+        CHECK(found->metadata_json[0] == '{', "%s: metadata '%s' is not a JSON object", found->id,
+              found->metadata_json);
+        CHECK(found->has_adapter == (strcmp(found->id, "plain") != 0), "%s: has_adapter %d", found->id,
+              found->has_adapter);
+        if (strcmp(found->id, STRUCTURED_PERSONA) == 0)
+            CHECK(strstr(found->metadata_json, "\"voice_id\":\"merchant_01\"") != NULL, "merchant metadata '%s'",
+                  found->metadata_json);
+    }
+    CHECK(npcd_persona_list_get(list, -1) == NULL && npcd_persona_list_get(list, persona_count) == NULL,
+          "an index out of range gave a persona");
+    npcd_persona_list_free(list);
+    npcd_persona_list_free(NULL);
+    CHECK(npcd_list_personas(NULL, 0, &list, &code) == NPCD_ERR_INVALID_ARGUMENT, "a NULL client accepted");
+    CHECK(npcd_list_personas(c, 0, NULL, NULL) == NPCD_ERR_INVALID_ARGUMENT, "a NULL list_out accepted");
+    CHECK(strstr(npcd_last_error(), "list_out") != NULL, "last error '%s' does not name list_out", npcd_last_error());
+    npcd_client_free(c);
+
+    npcd_client *closed = npcd_client_new("127.0.0.1:1", 50, 200);
+    CHECK(closed != NULL, "npcd_client_new: %s", npcd_last_error());
+    const double start = now_s();
+    list = (npcd_persona_list *)1;
+    CHECK(npcd_list_personas(closed, 3000, &list, &code) == NPCD_ERR_RPC && list == NULL, "a closed port listed");
+    CHECK(code == 14 || code == 4, "a closed port gave gRPC code %d (%s)", code, npcd_last_error());
+    CHECK(now_s() - start < 10, "the closed port took %.1f s", now_s() - start);
+    CHECK(strstr(npcd_last_error(), "ListPersonas") != NULL, "last error '%s'", npcd_last_error());
+    npcd_client_free(closed);
+    printf("personas: %d listed\n", persona_count);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure|large\n", argv[0]);
+        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure|large|personas\n", argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -898,6 +947,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "offline") == 0) test_offline();
     else if (strcmp(argv[1], "secure") == 0) test_secure();
     else if (strcmp(argv[1], "large") == 0) test_large();
+    else if (strcmp(argv[1], "personas") == 0) test_personas();
     else {
         fprintf(stderr, "unknown flow %s\n", argv[1]);
         return 2;

@@ -57,6 +57,19 @@ namespace Npcd
             public IntPtr TlsServerName;
         }
 
+        // npcd_persona field for field (the strings belong to the list until npcd_persona_list_free).
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct NativePersona
+        {
+            public IntPtr Id;
+            public IntPtr DisplayName;
+            public IntPtr Description;
+            public IntPtr MetadataJson;
+            public IntPtr Error;
+            public int Status;
+            public int HasAdapter;
+        }
+
         // npcd_event_kind
         internal const int EventStarted = 1;
         internal const int EventTextDelta = 2;
@@ -72,6 +85,7 @@ namespace Npcd
         internal const int StatusDuplicateId = 2;
         internal const int StatusInvalidUtf8 = 4;
         internal const int StatusTooLarge = 7;
+        internal const int StatusRpc = 8;
 
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new(byte[] address, uint initialBackoffMs, uint maxBackoffMs);
         [DllImport(Lib)] internal static extern IntPtr npcd_client_new_with_options(ref NativeOptions options, out int status);
@@ -107,6 +121,11 @@ namespace Npcd
         [DllImport(Lib)] internal static extern int npcd_cancel(IntPtr client, byte[] requestId);
         [DllImport(Lib)] internal static extern void npcd_flush(IntPtr client);
         [DllImport(Lib)] internal static extern int npcd_poll(IntPtr client, [Out] NativeEvent[] events, int max);
+
+        [DllImport(Lib)] internal static extern int npcd_list_personas(IntPtr client, uint timeoutMs, out IntPtr list, out int rpcCode);
+        [DllImport(Lib)] internal static extern int npcd_persona_list_count(IntPtr list);
+        [DllImport(Lib)] internal static extern IntPtr npcd_persona_list_get(IntPtr list, int index);
+        [DllImport(Lib)] internal static extern void npcd_persona_list_free(IntPtr list);
 
         /// <summary>NUL-terminated UTF-8 of s. Refuses (ArgumentException whose ParamName is
         /// `field`) what the C side would cut short or what UTF-8 cannot carry: an embedded

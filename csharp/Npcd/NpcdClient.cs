@@ -148,6 +148,36 @@ namespace Npcd
             return NativeMethods.npcd_cancel(Live(), NativeMethods.Utf8(requestId, "requestId")) == 0;
         }
 
+        /// <summary>The daemon's personas, by id: for an editor's dropdown or a loading screen. Blocks
+        /// for at most timeoutMs (0: 5000), so not a call for every frame; lines in flight go on.</summary>
+        /// <exception cref="NpcdUnavailableException">the daemon did not answer in time or refused</exception>
+        public PersonaInfo[] ListPersonas(uint timeoutMs = 0)
+        {
+            IntPtr list;
+            int code;
+            int status = NativeMethods.npcd_list_personas(Live(), timeoutMs, out list, out code);
+            if (status == NativeMethods.StatusRpc) throw new NpcdUnavailableException(code, NativeMethods.LastError());
+            if (status != NativeMethods.StatusOk)
+                throw new InvalidOperationException("npcd_list_personas: " + NativeMethods.LastError());
+            try
+            {
+                var personas = new PersonaInfo[NativeMethods.npcd_persona_list_count(list)];
+                for (int i = 0; i < personas.Length; i++)
+                {
+                    var p = (NativeMethods.NativePersona)Marshal.PtrToStructure(
+                        NativeMethods.npcd_persona_list_get(list, i), typeof(NativeMethods.NativePersona));
+                    personas[i] = new PersonaInfo(NativeMethods.FromUtf8(p.Id), NativeMethods.FromUtf8(p.DisplayName),
+                        NativeMethods.FromUtf8(p.Description), NativeMethods.FromUtf8(p.MetadataJson),
+                        (PersonaStatus)p.Status, NativeMethods.FromUtf8(p.Error), p.HasAdapter != 0);
+                }
+                return personas;
+            }
+            finally
+            {
+                NativeMethods.npcd_persona_list_free(list);
+            }
+        }
+
         /// <summary>Sends the lines requested and cancels issued since the last Poll now.</summary>
         public void Flush()
         {

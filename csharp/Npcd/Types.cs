@@ -117,6 +117,66 @@ namespace Npcd
         }
     }
 
+    /// <summary>The same numbers as npcd.v1.LoadStatus.</summary>
+    public enum PersonaStatus
+    {
+        Unspecified = 0,
+        /// <summary>Serving.</summary>
+        Ready = 1,
+        /// <summary>No good version could ever be loaded: Error says why.</summary>
+        Error = 2,
+        /// <summary>Its file's last edit is invalid; the last good version serves.</summary>
+        Stale = 3,
+        /// <summary>Its file was deleted; running lines finish.</summary>
+        Retiring = 4,
+    }
+
+    /// <summary>A persona the daemon serves (NpcdClient.ListPersonas): what an editor's dropdown shows.
+    /// MetadataJson is the persona's game-facing metadata (voice_id, emotion_tags, ...) as a JSON object,
+    /// "{}" when it has none.</summary>
+    public sealed class PersonaInfo
+    {
+        /// <summary>What LineRequest takes as its persona.</summary>
+        public readonly string Id;
+        public readonly string DisplayName;
+        public readonly string Description;
+        public readonly string MetadataJson;
+        public readonly PersonaStatus Status;
+        /// <summary>The last load error, naming file, line and field; "" when none.</summary>
+        public readonly string Error;
+        /// <summary>True when it runs with its own LoRA adapter, false on the base model.</summary>
+        public readonly bool HasAdapter;
+
+        public PersonaInfo(string id, string displayName, string description, string metadataJson,
+                           PersonaStatus status, string error, bool hasAdapter)
+        {
+            Id = id;
+            DisplayName = displayName;
+            Description = description;
+            MetadataJson = metadataJson;
+            Status = status;
+            Error = error;
+            HasAdapter = hasAdapter;
+        }
+
+        public override string ToString()
+        {
+            return Id + " (" + DisplayName + ", " + Status + ")";
+        }
+    }
+
+    /// <summary>The daemon did not answer a call that waits for it (ListPersonas): Code is the gRPC
+    /// status code (14 UNAVAILABLE when it is not running, 4 DEADLINE_EXCEEDED, 16 UNAUTHENTICATED).</summary>
+    public sealed class NpcdUnavailableException : System.Exception
+    {
+        public readonly int Code;
+
+        public NpcdUnavailableException(int code, string message) : base(message)
+        {
+            Code = code;
+        }
+    }
+
     /// <summary>How a line ended. Error is null when it finished; then Reason says why.
     /// Structured lines: Text is the spoken line, Json the whole reply, Action and Emotion
     /// what it chose (null when it has none). Json is empty for a plain line.

@@ -1,6 +1,6 @@
 // Tests of the C# binding against a real daemon, through the native library. One flow per
 // run, with the same environment as the C tests (cpp_client/tests/client_test.c):
-//   mono ClientTest.exe stream|tick|cancel|large   needs NPCD_TEST_ADDR
+//   mono ClientTest.exe stream|tick|cancel|large|personas   needs NPCD_TEST_ADDR
 //   mono ClientTest.exe structured           needs NPCD_TEST_ADDR and a persona "merchant" that
 //                                            declares emotions and actions
 //   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
@@ -358,6 +358,39 @@ internal static class Test
 
     /// <summary>A line over the 4 MiB message limit is refused before anything is sent; the client
     /// goes on, and a frame of 70 lines of ~61 KB (split over several Ticks) ends line by line.</summary>
+    // ListPersonas: every test persona, ready, with its metadata; a closed port throws NpcdUnavailableException.
+    private static void Personas()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            var listed = client.ListPersonas(10000);
+            Check(listed.Length == personas.Length, listed.Length + " personas listed, want " + personas.Length);
+            foreach (var id in personas)
+            {
+                var p = Array.Find(listed, x => x.Id == id);
+                Check(p != null, "persona " + id + " not listed");
+                Check(p.Status == PersonaStatus.Ready && p.Error == "", id + ": " + p.Status + " '" + p.Error + "'");
+                Check(p.DisplayName.Length > 0 && p.MetadataJson.StartsWith("{"), id + ": " + p.DisplayName + " " + p.MetadataJson);
+                Check(p.HasAdapter == (id != "plain"), id + ": HasAdapter " + p.HasAdapter);
+                if (id == "merchant")
+                    Check(p.MetadataJson.Contains("\"voice_id\":\"merchant_01\""), "merchant metadata " + p.MetadataJson);
+            }
+        }
+        using (var closed = new NpcdClient("127.0.0.1:1", 50, 200))
+        {
+            try
+            {
+                closed.ListPersonas(3000);
+                throw new TestFailure("a closed port listed personas");
+            }
+            catch (NpcdUnavailableException e)
+            {
+                Check(e.Code == 14 || e.Code == 4, "a closed port gave code " + e.Code + ": " + e.Message);
+            }
+        }
+        Console.WriteLine("personas: " + personas.Length + " listed");
+    }
+
     private static void Large()
     {
         using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
@@ -568,7 +601,7 @@ internal static class Test
     {
         if (args.Length != 1)
         {
-            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart|busy|offline|secure|large");
+            Console.Error.WriteLine("usage: ClientTest.exe stream|tick|cancel|structured|restart|busy|offline|secure|large|personas");
             return 2;
         }
         personas = Env("NPCD_TEST_PERSONAS").Split(',');
@@ -585,6 +618,7 @@ internal static class Test
                 case "offline": Offline(); break;
                 case "secure": Secure(); break;
                 case "large": Large(); break;
+                case "personas": Personas(); break;
                 default:
                     Console.Error.WriteLine("unknown flow " + args[0]);
                     return 2;

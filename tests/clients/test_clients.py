@@ -15,6 +15,7 @@ skipped, except under CI=true, where that is a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -30,11 +31,12 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono", "openssl")
-FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large")
+FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large", "personas")
 TOKEN = "npcd-test-token-8f3a"
 LORA_PERSONAS = ("elf", "guard", "merchant")
-# What the structured flow's persona may feel and do (the flows check the events, not the choice).
-MERCHANT_ACTIONS = """\
+# What the structured flow's persona may feel and do (the flows check the events, not the choice), and its metadata.
+MERCHANT_EXTRA = """\
+metadata: {voice_id: merchant_01}
 emotions: [cheerful, greedy, worried]
 actions:
   - name: sell
@@ -82,7 +84,7 @@ def daemon_files(tmp_path_factory, tiny_model_dir, tiny_adapters) -> tuple[Path,
     personas.mkdir()
     write_persona(personas, "plain")
     for name in LORA_PERSONAS:
-        write_persona(personas, name, adapter=tiny_adapters[name], extra=MERCHANT_ACTIONS if name == "merchant" else "")
+        write_persona(personas, name, adapter=tiny_adapters[name], extra=MERCHANT_EXTRA if name == "merchant" else "")
     engine = root / "engine.yaml"
     engine.write_text(f"base: {tiny_model_dir}\nweights: fp32\ndevice: cpu\nmax_batch_size: 16\n"
                       "max_seq_len: 1024\nthreads: 2\n")
@@ -235,6 +237,22 @@ def test_only_the_c_abi_is_exported(clients_build):
     assert exported and all(name.startswith("npcd_") and name + "(" in header for name in exported), exported
 
 
+# What a player's Linux machine has anyway: glibc's libraries and the loader (libstdc++ and libgcc are linked in).
+SYSTEM_RUNTIME = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "ld-linux-x86-64.so.2",
+                  "linux-vdso.so.1"}
+
+
+def test_the_native_library_needs_only_the_system_runtime(clients_build):
+    """The shipped library loads on any glibc Linux: no grpc++, protobuf, abseil or OpenSSL of this distribution."""
+    library = clients_build / "native" / "libnpcd_client.so"
+    dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    needed = {line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line}
+    assert needed and needed <= SYSTEM_RUNTIME, needed - SYSTEM_RUNTIME
+    resolved = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
+    loaded = {line.split()[0].rsplit("/", 1)[-1] for line in resolved.splitlines() if line.strip()}
+    assert loaded <= SYSTEM_RUNTIME, loaded - SYSTEM_RUNTIME
+
+
 def test_staged_packages_carry_the_one_binding(clients_build):
     binding = sorted(p.name for p in (ROOT / "csharp" / "Npcd").glob("*.cs"))
     unity = clients_build / "unity" / "com.npcd.client"
@@ -247,3 +265,9 @@ def test_staged_packages_carry_the_one_binding(clients_build):
     assert (unity / "Plugins" / "Linux" / "x86_64" / "libnpcd_client.so").is_file()
     assert (godot / "bin" / "linux-x64" / "libnpcd_client.so").is_file()
     assert (clients_build / "unreal" / "NpcdClient" / "ThirdParty" / "npcd_client" / "include" / "npcd_client.h").is_file()
+    license_text = (ROOT / "LICENSE").read_text()
+    for staged in (unity / "LICENSE.md", godot / "LICENSE", clients_build / "unreal" / "NpcdClient" / "LICENSE"):
+        assert staged.read_text() == license_text, staged
+    manifest = json.loads((unity / "package.json").read_text())
+    assert manifest["license"] == "MIT" and manifest["author"]["name"]
+    assert "com.unity.ugui" in manifest["dependencies"]  # the sample's SpeechBubble is a UI Text

@@ -141,7 +141,10 @@ def _build(flags: tuple[str, ...], sources: tuple[Path, ...]) -> LoadedKernel | 
     from npcd.engine.weights import cache_root
 
     code = b"".join(p.read_bytes() for p in (*sources, *HEADERS))
-    digest = hashlib.sha256(code + " ".join(flags).encode()).hexdigest()[:12]
+    # The sources' location is part of the key: torch's loader rebuilds whenever the ninja file's sources
+    # change path or time, so two checkouts (or installs) sharing one cache dir would rebuild each other's.
+    where = str(sources[0].resolve().parent).encode()
+    digest = hashlib.sha256(code + " ".join(flags).encode() + where).hexdigest()[:12]
     tag = "-".join(f.removeprefix("-m") for f in flags)
     build_dir = cache_root() / "kernels" / f"{tag}-{digest}-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
