@@ -61,8 +61,14 @@ def test_a_40_turn_conversation_is_never_refused_and_reuses_its_prefix_every_lin
     # exchanges at a time, to half the budget), and every line reuses all of its prompt but the newest turns
     moved = [i for i, r in enumerate(results[1:], 1) if r.history_turns < results[i - 1].history_turns]
     assert 2 <= len(moved) <= 8, moved
-    assert all(r.prompt_tokens - r.cached_prompt_tokens <= 100 for r in results[1:]), [
-        (r.prompt_tokens, r.cached_prompt_tokens) for r in results]
+    # A line computes its own new turns (one exchange's worth of prompt growth); the line right after a window
+    # move also the exchange that finished while the moved window was prefilled in the background. Bounded by
+    # the prompt's growth per line, not a token count: the answers' lengths differ between CPUs (the kernels'
+    # rounding picks other greedy tokens), and a lost reuse recomputes the whole ~600-token window.
+    growth = statistics.median(results[i].prompt_tokens - results[i - 1].prompt_tokens
+                               for i in range(1, len(results)) if i not in moved)
+    assert all(r.prompt_tokens - r.cached_prompt_tokens <= 3 * growth for r in results[1:]), (growth, [
+        (r.prompt_tokens, r.cached_prompt_tokens) for r in results])
     ttft = [r.timings.first_token_ms for r in results]
     # medians of ten turns: the last ten hold two window switches and two lines beside a background prompt
     first, last = statistics.median(ttft[:10]), statistics.median(ttft[30:])
