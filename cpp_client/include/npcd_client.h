@@ -237,8 +237,8 @@ static inline void npcd_client_options_init(npcd_client_options *options) {
 NPCD_API npcd_client *npcd_client_new_with_options(const npcd_client_options *options,
                                                    npcd_status *status_out);
 /*
- * Why the last npcd_client_new*, npcd_request_new, npcd_submit, npcd_list_personas or npcd_check_utf8 call on
- * this thread failed ("" when it did not). Valid until the next such call on
+ * Why the last npcd_client_new*, npcd_request_new, npcd_submit, npcd_list_personas or
+ * npcd_check_utf8 call on this thread failed ("" when it did not). Valid until the next such call on
  * the same thread.
  */
 NPCD_API const char *npcd_last_error(void);
