@@ -64,14 +64,27 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tile shapes for `rows` activation rows per product; tile configuration is per thread.
-inline void configure(int rows) {
+constexpr TileConfig tile_config(int rows) {
   TileConfig c;
-  for (int t : {0, 1}) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = 64; }
-  for (int t : {2, 3}) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = kBlock; }
-  for (int t : {4, 5}) { c.rows[t] = 8; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  for (int t = 0; t < 2; ++t) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = 64; }      // C
+  for (int t = 2; t < 4; ++t) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = kBlock; }  // A
+  for (int t = 4; t < 6; ++t) { c.rows[t] = 8; c.colsb[t] = 64; }                               // B
+  return c;
 }
+
+template <int... R>
+constexpr std::array<TileConfig, sizeof...(R)> tile_configs(std::integer_sequence<int, R...>) {
+  return {tile_config(R + 1)...};
+}
+
+// The configurations for 1..16 rows, in read-only memory. A config built on the stack just before `ldtilecfg`
+// can have its stores dropped by the optimizer (reported for llama.cpp's AMX path, whose next tile instruction
+// then faults with SIGILL); the kernel is compiled on the user's machine with whatever compiler it has, so it
+// does not count on that compiler keeping them.
+inline constexpr auto kTileConfigs = tile_configs(std::make_integer_sequence<int, kTileRows>());
+
+// Tile shapes for `rows` (1..16) activation rows per product; tile configuration is per thread.
+inline void configure(int rows) { _tile_loadconfig(&kTileConfigs[rows - 1]); }
 
 inline int64_t strips(int64_t N) { return (N + kStrip - 1) / kStrip; }
 
