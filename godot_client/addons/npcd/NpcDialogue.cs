@@ -5,7 +5,7 @@ using Npcd;
 namespace NpcdGodot
 {
     /// <summary>An NPC's voice. Call Say from GDScript or C#; the text arrives through the
-    /// signals text_delta, line_finished and line_failed, on the main thread. One line at a
+    /// signals text_delta, line_finished and line_failed (with a retry hint when the daemon is busy), on the main thread. One line at a
     /// time: a new Say, or leaving the tree, cancels the line still streaming. Structured
     /// lines (Structured, SetActions or ResponseFormat) also emit emotion_changed and
     /// action_chosen, after some text and before line_json and line_finished. With a
@@ -19,8 +19,9 @@ namespace NpcdGodot
         [Signal] public delegate void text_deltaEventHandler(string requestId, string text, string fullText);
         /// <summary>reason: 1 stop, 2 length, 3 cancelled, 4 deadline.</summary>
         [Signal] public delegate void line_finishedEventHandler(string requestId, string text, int reason);
-        /// <summary>code: a gRPC status code (14: the daemon is unreachable).</summary>
-        [Signal] public delegate void line_failedEventHandler(string requestId, int code, string message);
+        /// <summary>code: a gRPC status code (14: the daemon is unreachable; 8: its queue is full, and
+        /// retry_after_ms says when to ask again; 0 otherwise).</summary>
+        [Signal] public delegate void line_failedEventHandler(string requestId, int code, string message, int retryAfterMs);
         /// <summary>Structured lines: the action the NPC takes; args_json is a JSON object
         /// ("{}" when it takes none), e.g. for JSON.parse_string.</summary>
         [Signal] public delegate void action_chosenEventHandler(string requestId, string name, string argsJson);
@@ -101,17 +102,56 @@ namespace NpcdGodot
             }
             var service = GetNode<NpcdService>("/root/Npcd");
             current = service.Client.Say(request);
-            current.TextDelta += (l, text) => EmitSignal(SignalName.text_delta, l.Id, text, l.Text);
-            current.EmotionChanged += (l, label) => EmitSignal(SignalName.emotion_changed, l.Id, label);
-            current.ActionChosen += (l, action) => EmitSignal(SignalName.action_chosen, l.Id, action.Name, action.ArgsJson);
-            current.SentenceReady += (l, sentence) => EmitSignal(SignalName.sentence_ready, l.Id, sentence.Index, sentence.Text);
-            current.Finished += (l, result) =>
-            {
-                if (result.Json.Length > 0) EmitSignal(SignalName.line_json, l.Id, result.Json);
-                EmitSignal(SignalName.line_finished, l.Id, result.Text, (int)result.Reason);
-            };
-            current.Failed += (l, error) => EmitSignal(SignalName.line_failed, l.Id, error.Code, error.Message);
+            Attach(current);
             return current.Id;
+        }
+
+        // The lines whose events this node still receives: the current one, and lines a new Say
+        // cancelled, whose cancelled Finished is still to come. Leaving the tree detaches them
+        // all, so that no event reaches a freed node (EmitSignal on it would throw
+        // ObjectDisposedException out of the autoload's _Process).
+        private readonly HashSet<NpcdLine> attached = new HashSet<NpcdLine>();
+
+        private void Attach(NpcdLine line)
+        {
+            attached.Add(line);
+            line.TextDelta += OnTextDelta;
+            line.EmotionChanged += OnEmotionChanged;
+            line.ActionChosen += OnActionChosen;
+            line.SentenceReady += OnSentenceReady;
+            line.Finished += OnFinished;
+            line.Failed += OnFailed;
+        }
+
+        private void Detach(NpcdLine line)
+        {
+            attached.Remove(line);
+            line.TextDelta -= OnTextDelta;
+            line.EmotionChanged -= OnEmotionChanged;
+            line.ActionChosen -= OnActionChosen;
+            line.SentenceReady -= OnSentenceReady;
+            line.Finished -= OnFinished;
+            line.Failed -= OnFailed;
+        }
+
+        private void OnTextDelta(NpcdLine l, string text) => EmitSignal(SignalName.text_delta, l.Id, text, l.Text);
+        private void OnEmotionChanged(NpcdLine l, string label) => EmitSignal(SignalName.emotion_changed, l.Id, label);
+        private void OnActionChosen(NpcdLine l, NpcdAction action) =>
+            EmitSignal(SignalName.action_chosen, l.Id, action.Name, action.ArgsJson);
+        private void OnSentenceReady(NpcdLine l, NpcdSentence sentence) =>
+            EmitSignal(SignalName.sentence_ready, l.Id, sentence.Index, sentence.Text);
+
+        private void OnFinished(NpcdLine l, LineResult result)
+        {
+            Detach(l);
+            if (result.Json.Length > 0) EmitSignal(SignalName.line_json, l.Id, result.Json);
+            EmitSignal(SignalName.line_finished, l.Id, result.Text, (int)result.Reason);
+        }
+
+        private void OnFailed(NpcdLine l, NpcdError error)
+        {
+            Detach(l);
+            EmitSignal(SignalName.line_failed, l.Id, error.Code, error.Message, (int)error.RetryAfterMs);
         }
 
         /// <summary>Cancels the line still streaming, if any.</summary>
@@ -124,6 +164,7 @@ namespace NpcdGodot
         public override void _ExitTree()
         {
             Cancel();
+            foreach (NpcdLine line in new List<NpcdLine>(attached)) Detach(line);
         }
     }
 }

@@ -33,6 +33,42 @@ namespace NpcdGodot
             });
         }
 
+        /// <summary>The personas the daemon serves, for an editor dropdown or a persona's voice:
+        /// an Array of Dictionaries {"id", "display_name", "description", "metadata" (a
+        /// Dictionary: voice_id, emotion_tags ...), "status" (1 ready, 2 failed to load), "error",
+        /// "has_adapter"}. Waits for the daemon up to timeoutMs (GDScript passes it:
+        /// <c>Npcd.ListPersonas(2000)</c>); call it from a menu, not every frame. When the
+        /// daemon does not answer, returns an empty Array and pushes the error (its code: 14 not
+        /// running, 16 a refused token).</summary>
+        public Godot.Collections.Array<Godot.Collections.Dictionary> ListPersonas(int timeoutMs)
+        {
+            var list = new Godot.Collections.Array<Godot.Collections.Dictionary>();
+            PersonaInfo[] personas;
+            try
+            {
+                personas = Client.ListPersonas((uint)Math.Max(timeoutMs, 0));
+            }
+            catch (NpcdUnavailableException e)
+            {
+                GD.PushError("npcd: ListPersonas failed (code " + e.Code + "): " + e.Message);
+                return list;
+            }
+            foreach (PersonaInfo p in personas)
+            {
+                list.Add(new Godot.Collections.Dictionary
+                {
+                    ["id"] = p.Id,
+                    ["display_name"] = p.DisplayName,
+                    ["description"] = p.Description,
+                    ["metadata"] = Json.ParseString(p.MetadataJson),
+                    ["status"] = (int)p.Status,
+                    ["error"] = p.Error,
+                    ["has_adapter"] = p.HasAdapter,
+                });
+            }
+            return list;
+        }
+
         public override void _Process(double delta)
         {
             Client.Poll();

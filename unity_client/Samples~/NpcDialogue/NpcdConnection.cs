@@ -44,6 +44,15 @@ public sealed class NpcdConnection : MonoBehaviour
         });
     }
 
+    /// <summary>The personas the daemon serves, for a persona dropdown (PersonaInfo.Id is what
+    /// NpcSpeaker.persona takes; MetadataJson holds voice_id, emotion_tags ...). It waits for
+    /// the daemon's answer, up to timeoutMs: call it from a menu or a loading screen, not every
+    /// frame. Throws NpcdUnavailableException (its Code: 14 not running) when none comes.</summary>
+    public PersonaInfo[] ListPersonas(uint timeoutMs = 2000)
+    {
+        return Client.ListPersonas(timeoutMs);
+    }
+
     void Update()
     {
         Client.Poll();

@@ -9,6 +9,8 @@ public class NpcdClient : ModuleRules
     {
         PCHUsage = PCHUsageMode.UseExplicitOrSharedPCHs;
         PublicDependencyModuleNames.AddRange(new[] { "Core", "CoreUObject", "Engine", "DeveloperSettings" });
+        // IPluginManager: the module finds the plugin's copy of the Windows DLL (NpcdClientModule.cpp).
+        PrivateDependencyModuleNames.Add("Projects");
 
         string root = Path.Combine(PluginDirectory, "ThirdParty", "npcd_client");
         PublicIncludePaths.Add(Path.Combine(root, "include"));

@@ -26,8 +26,10 @@ func _on_text_delta(_request_id: String, _text: String, full_text: String) -> vo
 func _on_line_finished(_request_id: String, text: String, _reason: int) -> void:
 	label.text = text
 
-func _on_line_failed(_request_id: String, code: int, message: String) -> void:
+func _on_line_failed(_request_id: String, code: int, message: String, retry_after_ms: int) -> void:
 	label.text = "(no answer: %d %s)" % [code, message]
+	if retry_after_ms > 0:  # the daemon is busy (code 8): ask again after its hint
+		get_tree().create_timer(retry_after_ms / 1000.0).timeout.connect(_on_ask)
 
 func _on_emotion_changed(_request_id: String, label_name: String) -> void:
 	print("the guard feels ", label_name)

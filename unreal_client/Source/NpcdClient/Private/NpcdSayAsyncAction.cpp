@@ -1,15 +1,17 @@
 #include "NpcdSayAsyncAction.h"
 
+#include "Engine/Engine.h"
 #include "Engine/GameInstance.h"
 #include "Engine/World.h"
 
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLine(UObject* WorldContextObject, const FString& Persona,
                                                   const FString& Speaker, const FString& Line, const FString& NpcId,
                                                   int32 MaxTokens, bool Structured, const FString& ResponseFormat,
-                                                  ENpcdSegmentation Segmentation, const FString& Conversation)
+                                                  ENpcdSegmentation Segmentation, const FString& Conversation,
+                                                  const FNpcdLineOptions& Options)
 {
     UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens, Segmentation,
-                                       Conversation);
+                                       Conversation, Options);
     Action->bStructured = Structured;
     Action->ResponseFormat = ResponseFormat;
     return Action;
@@ -19,10 +21,11 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLineWithActions(UObject* WorldConte
                                                              const FString& Speaker, const FString& Line,
                                                              const FString& NpcId,
                                                              const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens,
-                                                             ENpcdSegmentation Segmentation, const FString& Conversation)
+                                                             ENpcdSegmentation Segmentation, const FString& Conversation,
+                                                  const FNpcdLineOptions& Options)
 {
     UNpcdSayAsyncAction* Action = Make(WorldContextObject, Persona, Speaker, Line, NpcId, MaxTokens, Segmentation,
-                                       Conversation);
+                                       Conversation, Options);
     Action->bStructured = true;
     Action->Actions = Actions;
     return Action;
@@ -31,7 +34,7 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::SayLineWithActions(UObject* WorldConte
 UNpcdSayAsyncAction* UNpcdSayAsyncAction::Make(UObject* WorldContextObject, const FString& Persona,
                                                const FString& Speaker, const FString& Line, const FString& NpcId,
                                                int32 MaxTokens, ENpcdSegmentation Segmentation,
-                                               const FString& Conversation)
+                                               const FString& Conversation, const FNpcdLineOptions& Options)
 {
     UNpcdSayAsyncAction* Action = NewObject<UNpcdSayAsyncAction>();
     UWorld* World = GEngine->GetWorldFromContextObject(WorldContextObject, EGetWorldErrorMode::LogAndReturnNull);
@@ -47,7 +50,23 @@ UNpcdSayAsyncAction* UNpcdSayAsyncAction::Make(UObject* WorldContextObject, cons
     Action->MaxTokens = MaxTokens;
     Action->Segmentation = Segmentation;
     Action->Conversation = Conversation;
+    Action->Options = Options;
     return Action;
+}
+
+bool UNpcdSayAsyncAction::ApplyOptions(npcd_request* Request) const
+{
+    bool bOk = true;
+    for (const FNpcdTurn& Turn : Options.History)
+        bOk &= npcd_request_add_history(Request, TCHAR_TO_UTF8(*Turn.Speaker), TCHAR_TO_UTF8(*Turn.Text)) == NPCD_OK;
+    for (const TPair<FString, FString>& Fact : Options.Context)
+        bOk &= npcd_request_set_context(Request, TCHAR_TO_UTF8(*Fact.Key), TCHAR_TO_UTF8(*Fact.Value)) == NPCD_OK;
+    if (Options.DeadlineMs > 0) bOk &= npcd_request_set_deadline_ms(Request, static_cast<uint32_t>(Options.DeadlineMs)) == NPCD_OK;
+    if (Options.Temperature >= 0.0f) bOk &= npcd_request_set_temperature(Request, Options.Temperature) == NPCD_OK;
+    if (Options.TopP >= 0.0f) bOk &= npcd_request_set_top_p(Request, Options.TopP) == NPCD_OK;
+    if (Options.bUseSeed) bOk &= npcd_request_set_seed(Request, static_cast<uint64_t>(Options.Seed)) == NPCD_OK;
+    npcd_request_set_priority(Request, Options.bAmbient ? NPCD_PRIORITY_AMBIENT : NPCD_PRIORITY_PLAYER);
+    return bOk;
 }
 
 void UNpcdSayAsyncAction::Activate()
@@ -59,7 +78,7 @@ void UNpcdSayAsyncAction::Activate()
         // leaving the field out.
         bool bActionsOk = npcd_request_set_speaker(Request, TCHAR_TO_UTF8(*Speaker)) == NPCD_OK &&
                           npcd_request_set_npc_id(Request, TCHAR_TO_UTF8(*NpcId)) == NPCD_OK;
-        npcd_request_set_priority(Request, NPCD_PRIORITY_PLAYER);
+        bActionsOk &= ApplyOptions(Request);
         if (MaxTokens > 0) npcd_request_set_max_tokens(Request, static_cast<uint32_t>(MaxTokens));
         if (bStructured) npcd_request_set_structured(Request, 1);
         bActionsOk &= npcd_request_set_segmentation(Request, static_cast<int32_t>(Segmentation)) == NPCD_OK &&
@@ -77,8 +96,9 @@ void UNpcdSayAsyncAction::Activate()
     if (RequestId.IsEmpty())
     {
         OnFailed.Broadcast(RequestId, 3, TEXT("the request was refused (no subsystem or connection, or an invalid persona, line, "
-                                              "speaker, npc id, conversation, response format or action; text must be "
-                                              "valid UTF-16)"));
+                                              "speaker, npc id, conversation, response format, action, history turn, context entry or "
+                                              "sampling option; text must be "
+                                              "valid UTF-16)"), 0);
         SetReadyToDestroy();
     }
 }
@@ -119,7 +139,7 @@ void UNpcdSayAsyncAction::OnNpcdEvent(const npcd_event& Event)
         SetReadyToDestroy();
         break;
     case NPCD_EVENT_ERROR:
-        OnFailed.Broadcast(RequestId, Event.error_code, UTF8_TO_TCHAR(Event.text));
+        OnFailed.Broadcast(RequestId, Event.error_code, UTF8_TO_TCHAR(Event.text), static_cast<int32>(Event.retry_after_ms));
         SetReadyToDestroy();
         break;
     default:

@@ -70,6 +70,36 @@ void UNpcdSubsystem::Cancel(const FString& RequestId)
     if (Client != nullptr) npcd_cancel(Client, TCHAR_TO_UTF8(*RequestId));
 }
 
+bool UNpcdSubsystem::ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Personas, int32& ErrorCode)
+{
+    Personas.Reset();
+    ErrorCode = 0;
+    npcd_persona_list* List = nullptr;
+    int32_t Code = 0;
+    if (Client == nullptr ||
+        npcd_list_personas(Client, static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &List, &Code) != NPCD_OK)
+    {
+        ErrorCode = Client == nullptr ? 14 : Code;
+        UE_LOG(LogTemp, Warning, TEXT("npcd: ListPersonas failed (code %d): %s"), ErrorCode,
+               Client == nullptr ? TEXT("no client (see the log above)") : UTF8_TO_TCHAR(npcd_last_error()));
+        return false;
+    }
+    for (int32 Index = 0; Index < npcd_persona_list_count(List); ++Index)
+    {
+        const npcd_persona* Native = npcd_persona_list_get(List, Index);
+        FNpcdPersonaInfo& Persona = Personas.AddDefaulted_GetRef();
+        Persona.Id = UTF8_TO_TCHAR(Native->id);
+        Persona.DisplayName = UTF8_TO_TCHAR(Native->display_name);
+        Persona.Description = UTF8_TO_TCHAR(Native->description);
+        Persona.MetadataJson = UTF8_TO_TCHAR(Native->metadata_json);
+        Persona.bServing = Native->status == NPCD_PERSONA_READY || Native->status == NPCD_PERSONA_STALE;
+        Persona.Error = UTF8_TO_TCHAR(Native->error);
+        Persona.bHasAdapter = Native->has_adapter != 0;
+    }
+    npcd_persona_list_free(List);
+    return true;
+}
+
 void UNpcdSubsystem::Forget(const FString& RequestId)
 {
     Listeners.Remove(RequestId);

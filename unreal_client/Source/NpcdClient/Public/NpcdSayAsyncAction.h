@@ -7,7 +7,8 @@
 
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdTextDelta, const FString&, RequestId, const FString&, Text, const FString&, FullText);
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_FourParams(FNpcdLineFinished, const FString&, RequestId, const FString&, Text, int32, Reason, const FString&, Json);
-DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdLineFailed, const FString&, RequestId, int32, Code, const FString&, Message);
+/** Code: a gRPC status code (14: the daemon is unreachable; 8: its queue is full, RetryAfterMs says when to ask again). */
+DECLARE_DYNAMIC_MULTICAST_DELEGATE_FourParams(FNpcdLineFailed, const FString&, RequestId, int32, Code, const FString&, Message, int32, RetryAfterMs);
 
 /** Which sentence events a line sends (npcd.v1.Segmentation): On Sentence, for text-to-speech. */
 UENUM(BlueprintType)
@@ -37,6 +38,48 @@ struct NPCDCLIENT_API FNpcdActionSpec
     FString ArgsSchemaJson;
 };
 
+/** An earlier turn of the dialogue, oldest first: who said it (a player, another NPC) and what. */
+USTRUCT(BlueprintType)
+struct NPCDCLIENT_API FNpcdTurn
+{
+    GENERATED_BODY()
+
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Speaker;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Text;
+};
+
+/**
+ * What else a line may carry; every field left at its default leaves the persona's setting.
+ * History: earlier turns, for lines without a Conversation. Context: facts for the prompt
+ * (location, time of day, quest state). DeadlineMs: the line ends (Reason 4) this long after it
+ * is asked; 0: none. Temperature / TopP below 0: the persona's. Seed: a reproducible line when
+ * bUseSeed. bAmbient: background chatter, served after the player's lines.
+ */
+USTRUCT(BlueprintType)
+struct NPCDCLIENT_API FNpcdLineOptions
+{
+    GENERATED_BODY()
+
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    TArray<FNpcdTurn> History;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    TMap<FString, FString> Context;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd", meta = (ClampMin = "0"))
+    int32 DeadlineMs = 0;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    float Temperature = -1.0f;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    float TopP = -1.0f;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    bool bUseSeed = false;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd", meta = (EditCondition = "bUseSeed"))
+    int64 Seed = 0;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    bool bAmbient = false;
+};
+
 /**
  * "NPC Say Line": asks an NPC of a persona for a line. The pins fire on the game thread as
  * the subsystem polls: On Text Delta for each piece, then On Finished (Reason: 1 stop,
@@ -46,7 +89,8 @@ struct NPCDCLIENT_API FNpcdActionSpec
  * some of it, and On Finished carries the whole reply in Json ("" for a plain line).
  * With a Segmentation, On Sentence fires with each complete sentence (or clause) right after
  * the text that completed it, the last one right before On Finished. Conversation (often the
- * NPC id): the daemon keeps the turns and puts the earlier ones in the prompt.
+ * NPC id): the daemon keeps the turns and puts the earlier ones in the prompt. Options (an
+ * advanced pin, "Make NpcdLineOptions"): history, context, deadline, sampling, priority.
  */
 UCLASS()
 class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, public INpcdLineListener
@@ -54,20 +98,20 @@ class NPCDCLIENT_API UNpcdSayAsyncAction : public UBlueprintAsyncActionBase, pub
     GENERATED_BODY()
 
 public:
-    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line", AdvancedDisplay = "ResponseFormat,Conversation"))
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line", AdvancedDisplay = "ResponseFormat,Conversation,Options", AutoCreateRefTerm = "Options"))
     static UNpcdSayAsyncAction* SayLine(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
-                                        const FString& Line, const FString& NpcId, int32 MaxTokens = 0,
-                                        bool Structured = false, const FString& ResponseFormat = TEXT(""),
-                                        ENpcdSegmentation Segmentation = ENpcdSegmentation::None,
-                                        const FString& Conversation = TEXT(""));
+                                        const FString& Line, const FString& NpcId, int32 MaxTokens,
+                                        bool Structured, const FString& ResponseFormat,
+                                        ENpcdSegmentation Segmentation,
+                                        const FString& Conversation, const FNpcdLineOptions& Options);
 
     /** A structured line whose action is one of Actions (the persona's by name, or new ones). */
-    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line With Actions", AdvancedDisplay = "Conversation"))
+    UFUNCTION(BlueprintCallable, Category = "npcd", meta = (BlueprintInternalUseOnly = "true", WorldContext = "WorldContextObject", DisplayName = "NPC Say Line With Actions", AdvancedDisplay = "Conversation,Options", AutoCreateRefTerm = "Options"))
     static UNpcdSayAsyncAction* SayLineWithActions(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
                                                    const FString& Line, const FString& NpcId,
-                                                   const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens = 0,
-                                                   ENpcdSegmentation Segmentation = ENpcdSegmentation::None,
-                                                   const FString& Conversation = TEXT(""));
+                                                   const TArray<FNpcdActionSpec>& Actions, int32 MaxTokens,
+                                                   ENpcdSegmentation Segmentation,
+                                                   const FString& Conversation, const FNpcdLineOptions& Options);
 
     /** Ends the line early; On Finished then fires with Reason 3 (cancelled). */
     UFUNCTION(BlueprintCallable, Category = "npcd")
@@ -96,7 +140,10 @@ public:
 private:
     static UNpcdSayAsyncAction* Make(UObject* WorldContextObject, const FString& Persona, const FString& Speaker,
                                      const FString& Line, const FString& NpcId, int32 MaxTokens,
-                                     ENpcdSegmentation Segmentation, const FString& Conversation);
+                                     ENpcdSegmentation Segmentation, const FString& Conversation,
+                                     const FNpcdLineOptions& Options);
+    /** Sets Options' fields on Request; false when one is refused (invalid UTF-8, too long). */
+    bool ApplyOptions(npcd_request* Request) const;
 
     TWeakObjectPtr<UNpcdSubsystem> Subsystem;
     FString Persona, Speaker, Line, NpcId, RequestId, FullText, ResponseFormat, Conversation;
@@ -104,4 +151,5 @@ private:
     ENpcdSegmentation Segmentation = ENpcdSegmentation::None;
     bool bStructured = false;
     TArray<FNpcdActionSpec> Actions;
+    FNpcdLineOptions Options;
 };

@@ -14,6 +14,33 @@ DECLARE_DYNAMIC_MULTICAST_DELEGATE_TwoParams(FNpcdEmotionChanged, const FString&
  *  texts, in order, add up to the line's text exactly. */
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdSentenceReady, const FString&, RequestId, int32, Index, const FString&, Text);
 
+/** A persona the daemon serves (UNpcdSubsystem::ListPersonas), for a persona dropdown or its voice. */
+USTRUCT(BlueprintType)
+struct NPCDCLIENT_API FNpcdPersonaInfo
+{
+    GENERATED_BODY()
+
+    /** What "NPC Say Line" takes as its Persona. */
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    FString Id;
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    FString DisplayName;
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    FString Description;
+    /** The persona's game-facing metadata (voice_id, emotion_tags ...), a JSON object; "{}" when none. */
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    FString MetadataJson;
+    /** True when it takes new lines (its last good version, if its file's last edit is invalid); false when no
+     *  version could be loaded or its file was deleted. Error says why (file, line and field). */
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    bool bServing = false;
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    FString Error;
+    /** True when it runs with its own LoRA adapter, false on the base model. */
+    UPROPERTY(BlueprintReadOnly, Category = "npcd")
+    bool bHasAdapter = false;
+};
+
 /** Receives the events of one line, on the game thread. */
 class INpcdLineListener
 {
@@ -41,6 +68,14 @@ public:
     /** Queues a request for this frame's Tick; returns its id, or an empty string when refused. */
     FString Submit(npcd_request* Request, INpcdLineListener* Listener);
     void Cancel(const FString& RequestId);
+
+    /**
+     * The personas the daemon serves. Waits for its answer up to TimeoutMs (0: 5000): call it
+     * from a menu or a loading screen, not every frame. False when none came; ErrorCode is then
+     * the gRPC status code (14: the daemon is not running, 16: the token was refused).
+     */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Personas, int32& ErrorCode);
     /** Stops delivering a request's events (its listener is going away). */
     void Forget(const FString& RequestId);
 
