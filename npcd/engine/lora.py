@@ -28,13 +28,15 @@ Adapters live in weight *stacks*, one slot per resident adapter, padded with
 zeros to the largest resident rank; a module an adapter does not target is
 zeros too, so different ranks and target sets share a batch. Scaling
 (alpha / r or alpha / sqrt(r) for rsLoRA) is folded into B at load time.
+Stacks are fp32, bf16 or int8 with a scale per column (`quantize_columns`; only npcd's CPU kernel,
+`SegmentedLoraBatch`, reads int8 ones).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -51,10 +53,22 @@ MODULE_GROUP = {m: g for g, members in GROUPS.items() for m in members}
 
 @dataclass
 class GroupStack:
-    """One layer's adapters for one projection group."""
+    """One layer's adapters for one projection group. An int8 stack's true weights are A * A_scale and
+    B[m] * B_scale[m], per column; a float stack has an empty A_scale and no B_scale."""
 
     A: torch.Tensor         # [slots, in, members * R]: member m's A^T in columns m*R:(m+1)*R
     B: list[torch.Tensor]   # per member [slots, R, out_m]: B^T * scale
+    A_scale: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [slots, members * R] fp32
+    B_scale: list[torch.Tensor] = field(default_factory=list)             # per member [slots, out_m] fp32
+
+
+def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, cols] float → (int8 [rows, cols], fp32 scale [cols]) with w ≈ q * scale: symmetric, one scale per
+    column, the direction the kernel sums over (rows), so the scale multiplies the finished sum once. An all-zero
+    column (an unused rank) gets scale 0."""
+    scale = w.abs().amax(dim=0).float() / 127.0
+    q = torch.round(w.float() / torch.where(scale > 0, scale, 1.0)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 class LoraStacks:
@@ -70,14 +84,22 @@ class LoraStacks:
 
     def _alloc(self, rank: int) -> dict[tuple[int, str], GroupStack]:
         out = {}
+        zeros = partial(torch.zeros, device=self.device)
         for layer in range(self.num_layers):
             for group, members in GROUPS.items():
                 fan_in = self.module_shapes[members[0]][0]
-                A = torch.zeros(self.slots, fan_in, len(members) * rank, dtype=self.dtype, device=self.device)
-                B = [torch.zeros(self.slots, rank, self.module_shapes[m][1], dtype=self.dtype, device=self.device)
-                     for m in members]
-                out[(layer, group)] = GroupStack(A, B)
+                A = zeros(self.slots, fan_in, len(members) * rank, dtype=self.dtype)
+                B = [zeros(self.slots, rank, self.module_shapes[m][1], dtype=self.dtype) for m in members]
+                stack = GroupStack(A, B)
+                if self.quantized:
+                    stack.A_scale = zeros(self.slots, len(members) * rank)
+                    stack.B_scale = [zeros(self.slots, self.module_shapes[m][1]) for m in members]
+                out[(layer, group)] = stack
         return out
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == torch.int8
 
     def ensure_rank(self, rank: int) -> None:
         """Grow every stack to `rank` columns, keeping what is resident."""
@@ -90,6 +112,9 @@ class LoraStacks:
             for m in range(members):
                 new.A[:, :, m * rank:m * rank + self.rank] = old.A[:, :, m * self.rank:(m + 1) * self.rank]
                 new.B[m][:, :self.rank] = old.B[m]
+                if self.quantized:  # B's scales are per output column: zero rows added below them change none
+                    new.A_scale[:, m * rank:m * rank + self.rank] = old.A_scale[:, m * self.rank:(m + 1) * self.rank]
+                    new.B_scale[m].copy_(old.B_scale[m])
         self.stacks, self.rank = grown, rank
         self.generation += 1
 
@@ -104,15 +129,18 @@ class LoraStacks:
             m = GROUPS[group].index(module)
             stack = self.stacks[(layer, group)]
             r = a.shape[0]
-            stack.A[slot, :, m * R:m * R + r] = a.t().to(self.dtype)
-            stack.B[m][slot, :r] = b.t().to(self.dtype)
+            if self.quantized:
+                stack.A[slot, :, m * R:m * R + r], stack.A_scale[slot, m * R:m * R + r] = quantize_columns(a.t())
+                stack.B[m][slot, :r], stack.B_scale[m][slot] = quantize_columns(b.t())
+            else:
+                stack.A[slot, :, m * R:m * R + r] = a.t().to(self.dtype)
+                stack.B[m][slot, :r] = b.t().to(self.dtype)
         self.generation += 1
 
     def clear(self, slot: int) -> None:
         for stack in self.stacks.values():
-            stack.A[slot].zero_()
-            for b in stack.B:
-                b[slot].zero_()
+            for t in (stack.A, *stack.B, *stack.B_scale) + ((stack.A_scale,) if self.quantized else ()):
+                t[slot].zero_()
         self.generation += 1
 
 
@@ -205,6 +233,8 @@ class LoraBatch:
     def __init__(self, row_slots: list[int], stacks: LoraStacks, gathered: GatherCache,
                  split_cost: float | None = None):
         """split_cost: padded rows one more bucket is worth; None = split_cost_rows(stacks.rank), measured."""
+        if stacks.quantized:
+            raise ValueError("int8 LoRA stacks are read by npcd's CPU kernel only (SegmentedLoraBatch)")
         present = sorted({s for s in row_slots if s >= 0})
         by_slot: dict[int, list[int]] = {s: [] for s in present}
         for row, s in enumerate(row_slots):
@@ -276,7 +306,7 @@ class LoraBatch:
 
 class SegmentedLoraBatch:
     """LoraBatch's semantics through npcd's segmented CPU kernel (npcd/engine/kernels/lora.cpp), for fp32
-    activations on the CPU over fp32 or bf16 stacks: rows read in place (no gather, no padding, no bucket plan), each adapter's weights streamed once
+    activations on the CPU over fp32, bf16 or int8 stacks: rows read in place (no gather, no padding, no bucket plan), each adapter's weights streamed once
     per step for all its rows, and every row's delta summed in a fixed order, so a row's result does not
     depend on its batch companions."""
 
@@ -286,7 +316,7 @@ class SegmentedLoraBatch:
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor, layer: int, group: str) -> None:
         stack = self.stacks.stacks[(layer, group)]
-        self._add(x.contiguous(), out, stack.A, stack.B, self.slots)
+        self._add(x.contiguous(), out, stack.A, stack.B, self.slots, stack.A_scale, stack.B_scale)
 
 
 class GatherCache:

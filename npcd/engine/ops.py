@@ -55,9 +55,10 @@ class FusedOps(TorchOps):
         return self._k.silu_mul(gate_up)
 
     def lora_add(self, x: torch.Tensor, out: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                 slots: torch.Tensor) -> None:
-        """out += each row's adapter delta (npcd/engine/kernels/lora.cpp; LoraBatch's semantics)."""
-        self._k.lora_add(x, out, A, Bs, slots)
+                 slots: torch.Tensor, A_scale: torch.Tensor, B_scale: list[torch.Tensor]) -> None:
+        """out += each row's adapter delta (npcd/engine/kernels/lora.cpp; LoraBatch's semantics); the scales
+        are an int8 stack's (empty for float ones)."""
+        self._k.lora_add(x, out, A, Bs, slots, A_scale, B_scale)
 
     def attention(self, qkv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,

@@ -22,7 +22,7 @@ class ModelRunner:
         self._prefix_cache = prefix_cache
         self._gathered = GatherCache()
         self._lora_cache: tuple[tuple, LoraBatch | SegmentedLoraBatch] | None = None
-        # the segmented kernel where the model's ops have it (fp32 activations on the CPU; fp32 or bf16 stacks)
+        # the segmented kernel where the model's ops have it (fp32 activations on the CPU; fp32, bf16 or int8 stacks)
         self._lora_add = model.ops.lora_add
         self.prompt_tokens = 0  # prefilled since start (prefix-cache hits excluded)
 

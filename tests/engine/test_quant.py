@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(why_unavailable() is not None, reason=f"block 
 LINES = ["Who are you, and why do you hate the king?", "What do you sell, merchant?",
          "Tell me a story about a lighthouse.", "Halt! Papers, please."]
 PERSONA_ADAPTERS = Path(__file__).resolve().parents[2] / "personas" / "adapters"
-ADAPTERS = ("forest_elf", "merchant", "town_guard")  # the shipped ones: bf16 stacks in the block modes
+ADAPTERS = ("forest_elf", "merchant", "town_guard")  # the shipped ones: int8 stacks in the block modes
 MORE_LINES = ["The dragon burned the mill last night.", "Can you fix my sword?",
               "What news from the capital?", "Why are the wolves so bold this winter?"]
 
@@ -51,6 +51,41 @@ def test_quantized_modes_stay_close_to_fp32_on_the_real_model(real_model_dir, fp
         assert not torch.equal(a, b)  # it really is a different path
     assert kl / tokens <= 0.02, kl / tokens      # the quality gate of every quantized mode
     assert agree / tokens >= 0.95, agree / tokens
+
+
+def _persona_scores(real_model_dir, mode: str) -> list[torch.Tensor]:
+    engine = Engine(EngineConfig(base=str(real_model_dir), weights=mode, max_batch_size=4, max_seq_len=128))
+    for name in ADAPTERS:
+        engine.load_adapter(name, str(PERSONA_ADAPTERS / name))
+    prompts = chat_prompts(engine, LINES[:len(ADAPTERS)])
+    return [t.clone() for t in engine.score(prompts, list(ADAPTERS))]
+
+
+def _kl_and_agreement(exact: list[torch.Tensor], approx: list[torch.Tensor]) -> tuple[float, float]:
+    kl, agree, tokens = 0.0, 0, 0
+    for a, b in zip(exact, approx):
+        log_a, log_b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl += (log_a.exp() * (log_a - log_b)).sum().item()
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        tokens += a.shape[0]
+    return kl / tokens, agree / tokens
+
+
+@needs_kernel
+def test_personas_pass_the_quality_gate_with_int8_adapter_stacks(real_model_dir, monkeypatch):
+    """The block modes keep adapters in int8 (npcd.engine.quant.lora_dtype): each shipped persona on the 4-bit
+    base with its adapter in int8 passes the quality gate against fp32 weights and fp32 adapters, and adds
+    little to what the 4-bit base costs with bf16 adapters."""
+    exact = _persona_scores(real_model_dir, "fp32")
+    gate = {}
+    for dtype in (torch.bfloat16, torch.int8):
+        monkeypatch.setattr("npcd.engine.engine.lora_dtype", lambda mode, dtype=dtype: dtype)
+        gate[dtype] = _kl_and_agreement(exact, _persona_scores(real_model_dir, "int4"))
+    print(f"int4 personas against fp32: bf16 stacks KL {gate[torch.bfloat16][0]:.4f} top-1 {gate[torch.bfloat16][1]:.3f}, "
+          f"int8 stacks KL {gate[torch.int8][0]:.4f} top-1 {gate[torch.int8][1]:.3f}")
+    kl, agree = gate[torch.int8]
+    assert kl <= 0.02 and agree >= 0.95, gate
+    assert kl <= 1.5 * gate[torch.bfloat16][0], gate
 
 
 @pytest.mark.parametrize("mode", ["fp32", pytest.param("int4", marks=needs_kernel)])

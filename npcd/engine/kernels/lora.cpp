@@ -1,11 +1,13 @@
-// The mixed-adapter LoRA delta as one segmented CPU kernel (Punica's SGMV idea, fp32).
+// The mixed-adapter LoRA delta as one segmented CPU kernel (Punica's SGMV idea, fp32 accumulation).
 //
 // Semantics (one layer, one projection group; R the stack rank, scale folded into B):
 //   for every row i with slot a = slots[i] >= 0, for each member m with columns
 //   [off_m, off_m + out_m) of the fused output:
-//     h[i, c]           = sum_k x[i, k] * A[a, k, c]                      c < members * R
-//     out[i, off_m + j] += sum_r h[i, m*R + r] * B_m[a, r, j]
-// Shapes: x [n, in], out [n, sum out_m], A [slots, in, members*R], B_m [slots, R, out_m], slots [n].
+//     h[i, c]           = sA[a, c] * sum_k x[i, k] * A[a, k, c]                      c < members * R
+//     out[i, off_m + j] += sB_m[a, j] * sum_r h[i, m*R + r] * B_m[a, r, j]
+// with sA = sB_m = 1 for fp32 and bf16 stacks, and per-column scales for int8 stacks.
+// Shapes: x [n, in], out [n, sum out_m], A [slots, in, members*R], B_m [slots, R, out_m], slots [n];
+// int8 stacks also sA [slots, members*R] and sB_m [slots, out_m] (fp32), else sA empty and no sB_m.
 //
 // Why a kernel: PyTorch on the CPU has no segmented GEMM, so npcd.engine.lora pads
 // segments into batched matmuls and gathers rows; those matmuls round differently
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -37,10 +40,12 @@ constexpr int kRows = 2;  // rows of one slot sharing each weight load
 // 64-byte line per row, a stride of one row between lines) 3.4 / 21.5 / 29.6 ms at batch 1 / 8 / 32,
 // 128 columns in one pass 2.4 / 11.3 / 14.4 ms: the short strided streams left the prefetcher idle.
 constexpr int64_t kCols = 128;
+constexpr int64_t kAhead = 16;
 
-// Weights are fp32 or bf16 (bf16 halves the bytes every step streams; the bundled
-// adapters are stored in bf16, so nothing is lost for them).
+// Weights are fp32, bf16 or int8 with a scale per column (each halves the bytes every step streams:
+// npcd.engine.quant.lora_dtype says which mode takes which, and why).
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
 inline float to_float(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -59,7 +64,11 @@ struct Ymm {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+  static V load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static V set1(float v) { return _mm256_set1_ps(v); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -75,7 +84,11 @@ struct Zmm {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+  static V load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static V set1(float v) { return _mm512_set1_ps(v); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -83,16 +96,21 @@ struct Zmm {
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
-// dst[i][c0..c0+kWidth*kV) = sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld), for kR rows.
-// `accumulate`: dst += instead of =. Every element is an FMA chain over k ascending, whichever
-// width the caller picked, so its value never depends on how the work was cut nor on the vector width.
+// dst[i][c0..c0+kWidth*kV) = scale[c0..) * sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld),
+// for kR rows; scale is nullptr (1) for float weights. `accumulate`: dst += instead of =. Every element is
+// an FMA chain over k ascending, then one multiply, whichever width the caller picked, so its value never
+// depends on how the work was cut nor on the vector width.
 template <class S, int kR, int kV, typename TW>
 inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0,
-                           float* const* dst, bool accumulate) {
+                           const float* scale, float* const* dst, bool accumulate) {
   typename S::V acc[kR][kV];
   for (int i = 0; i < kR; ++i)
     for (int v = 0; v < kV; ++v) acc[i][v] = S::zero();
   for (int64_t k = 0; k < K; ++k) {
+    if (k + kAhead < K) {
+      const char* ahead = reinterpret_cast<const char*>(W + (k + kAhead) * ld + c0);
+      for (size_t line = 0; line < sizeof(TW) * S::kWidth * kV; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
     typename S::V wv[kV];
     for (int v = 0; v < kV; ++v) wv[v] = S::load(W + k * ld + c0 + S::kWidth * v);
     for (int i = 0; i < kR; ++i) {
@@ -103,31 +121,33 @@ inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int
   for (int i = 0; i < kR; ++i)
     for (int v = 0; v < kV; ++v) {
       float* d = dst[i] + c0 + S::kWidth * v;
-      S::store(d, accumulate ? S::add(S::load(d), acc[i][v]) : acc[i][v]);
+      const typename S::V r = scale ? S::mul(acc[i][v], S::load(scale + c0 + S::kWidth * v)) : acc[i][v];
+      S::store(d, accumulate ? S::add(S::load(d), r) : r);
     }
 }
 #endif
 
 template <int kR, typename TW>
 inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0, int64_t w,
-                       float* const* dst, bool accumulate) {
+                       const float* scale, float* const* dst, bool accumulate) {
   int64_t c = c0;
 #if defined(__AVX512F__)
-  for (; c + 128 <= c0 + w; c += 128) rows_times_vec<Zmm, kR, 8>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Zmm, kR, 4>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Zmm, kR, 2>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 16 <= c0 + w; c += 16) rows_times_vec<Zmm, kR, 1>(src, W, ld, K, c, dst, accumulate);
+  for (; c + 128 <= c0 + w; c += 128) rows_times_vec<Zmm, kR, 8>(src, W, ld, K, c, scale, dst, accumulate);
+  for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Zmm, kR, 4>(src, W, ld, K, c, scale, dst, accumulate);
+  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Zmm, kR, 2>(src, W, ld, K, c, scale, dst, accumulate);
+  for (; c + 16 <= c0 + w; c += 16) rows_times_vec<Zmm, kR, 1>(src, W, ld, K, c, scale, dst, accumulate);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (kR == 1)  // a lone row has the registers for 64 columns (128 contiguous bf16 bytes) per pass
-    for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Ymm, kR, 8>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Ymm, kR, 4>(src, W, ld, K, c, dst, accumulate);
-  for (; c + 8 <= c0 + w; c += 8) rows_times_vec<Ymm, kR, 1>(src, W, ld, K, c, dst, accumulate);
+    for (; c + 64 <= c0 + w; c += 64) rows_times_vec<Ymm, kR, 8>(src, W, ld, K, c, scale, dst, accumulate);
+  for (; c + 32 <= c0 + w; c += 32) rows_times_vec<Ymm, kR, 4>(src, W, ld, K, c, scale, dst, accumulate);
+  for (; c + 8 <= c0 + w; c += 8) rows_times_vec<Ymm, kR, 1>(src, W, ld, K, c, scale, dst, accumulate);
 #endif
   for (int i = 0; i < kR; ++i)
     for (int64_t e = c; e < c0 + w; ++e) {
       float s = 0.0f;
       for (int64_t k = 0; k < K; ++k) s = std::fma(src[i][k], to_float(W[k * ld + e]), s);
+      if (scale) s *= scale[e];
       dst[i][e] = accumulate ? dst[i][e] + s : s;
     }
 }
@@ -135,10 +155,10 @@ inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t
 // rows_times over a slot's rows, kRows at a time, then one at a time.
 template <typename TW>
 inline void segment_times(const std::vector<const float*>& src, const TW* W, int64_t ld, int64_t K, int64_t c0,
-                          int64_t w, const std::vector<float*>& dst, bool accumulate) {
+                          int64_t w, const float* scale, const std::vector<float*>& dst, bool accumulate) {
   size_t i = 0;
-  for (; i + kRows <= src.size(); i += kRows) rows_times<kRows>(&src[i], W, ld, K, c0, w, &dst[i], accumulate);
-  for (; i < src.size(); ++i) rows_times<1>(&src[i], W, ld, K, c0, w, &dst[i], accumulate);
+  for (; i + kRows <= src.size(); i += kRows) rows_times<kRows>(&src[i], W, ld, K, c0, w, scale, &dst[i], accumulate);
+  for (; i < src.size(); ++i) rows_times<1>(&src[i], W, ld, K, c0, w, scale, &dst[i], accumulate);
 }
 
 template <typename TW>
@@ -146,9 +166,14 @@ const TW* weights_of(const torch::Tensor& t) {
   return reinterpret_cast<const TW*>(t.data_ptr());
 }
 
+// The scale of slot's columns in a [slots, columns] fp32 tensor, or nullptr for float weights (none given).
+inline const float* scales_of(const torch::Tensor& scales, int64_t slot) {
+  return scales.numel() ? scales.data_ptr<float>() + slot * scales.size(1) : nullptr;
+}
+
 template <typename TW>
 void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A, const std::vector<torch::Tensor>& Bs,
-              const torch::Tensor& slots) {
+              const torch::Tensor& slots, const torch::Tensor& A_scale, const std::vector<torch::Tensor>& B_scales) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous fp32 [n, in]");
   TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.scalar_type() == torch::kFloat32 && out.size(0) == x.size(0),
               "out must be fp32 [n, out] with contiguous rows");
@@ -165,6 +190,17 @@ void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Ten
     total_out += B.size(2);
   }
   TORCH_CHECK(total_out == out.size(1), "the members' widths must add up to out's columns");
+  if constexpr (std::is_same_v<TW, int8_t>) {
+    TORCH_CHECK(A_scale.dim() == 2 && A_scale.is_contiguous() && A_scale.scalar_type() == torch::kFloat32 &&
+                A_scale.size(0) == A.size(0) && A_scale.size(1) == C, "int8 A needs fp32 scales [slots, members*R]");
+    TORCH_CHECK(B_scales.size() == Bs.size(), "int8 Bs need one scale tensor each");
+    for (size_t m = 0; m < Bs.size(); ++m)
+      TORCH_CHECK(B_scales[m].dim() == 2 && B_scales[m].is_contiguous() && B_scales[m].scalar_type() == torch::kFloat32 &&
+                  B_scales[m].size(0) == A.size(0) && B_scales[m].size(1) == Bs[m].size(2),
+                  "int8 B needs fp32 scales [slots, out_m]");
+  } else {
+    TORCH_CHECK(A_scale.numel() == 0 && B_scales.empty(), "scales go with int8 stacks only");
+  }
 
   // rows grouped by slot, in row order within a slot
   const int64_t* sp = slots.data_ptr<int64_t>();
@@ -195,7 +231,7 @@ void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Ten
         src.push_back(xp + r * K);
         dst.push_back(h.data() + r * C);
       }
-      segment_times(src, ap + slot * K * C, C, K, c0, std::min(kCols, C - c0), dst, false);
+      segment_times(src, ap + slot * K * C, C, K, c0, std::min(kCols, C - c0), scales_of(A_scale, slot), dst, false);
     }
   });
 
@@ -221,24 +257,27 @@ void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Ten
         src.push_back(h.data() + r * C + m * R);
         dst.push_back(op + r * ldo + offsets[m]);
       }
-      segment_times(src, weights_of<TW>(Bs[m]) + slot * R * width, width, R, c0, std::min(kCols, width - c0), dst,
-                    true);
+      segment_times(src, weights_of<TW>(Bs[m]) + slot * R * width, width, R, c0, std::min(kCols, width - c0),
+                    B_scales.empty() ? nullptr : scales_of(B_scales[m], slot), dst, true);
     }
   });
 }
 
 void lora_add(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A, const std::vector<torch::Tensor>& Bs,
-              const torch::Tensor& slots) {
+              const torch::Tensor& slots, const torch::Tensor& A_scale, const std::vector<torch::Tensor>& B_scales) {
   if (A.scalar_type() == torch::kBFloat16)
-    lora_add_typed<uint16_t>(x, out, A, Bs, slots);
+    lora_add_typed<uint16_t>(x, out, A, Bs, slots, A_scale, B_scales);
   else if (A.scalar_type() == torch::kFloat32)
-    lora_add_typed<float>(x, out, A, Bs, slots);
+    lora_add_typed<float>(x, out, A, Bs, slots, A_scale, B_scales);
+  else if (A.scalar_type() == torch::kChar)
+    lora_add_typed<int8_t>(x, out, A, Bs, slots, A_scale, B_scales);
   else
-    TORCH_CHECK(false, "LoRA stacks must be fp32 or bf16, got ", A.scalar_type());
+    TORCH_CHECK(false, "LoRA stacks must be fp32, bf16 or int8, got ", A.scalar_type());
 }
 
 }  // namespace
 
 void register_lora(pybind11::module& m) {
-  m.def("lora_add", &lora_add, "out += per-row-adapter LoRA delta (segmented, fixed summation order)");
+  m.def("lora_add", &lora_add, "out += per-row-adapter LoRA delta (segmented, fixed summation order); "
+        "A_scale and B_scales: per-column scales of int8 stacks, empty for float ones");
 }
