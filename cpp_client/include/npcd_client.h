@@ -383,6 +383,41 @@ NPCD_API const npcd_persona *npcd_persona_list_get(const npcd_persona_list *list
 /* NULL is ignored. */
 NPCD_API void npcd_persona_list_free(npcd_persona_list *list);
 
+/*
+ * What every NPC remembers, for the game's save file. The daemon keeps conversations (a
+ * request's npcd_request_set_conversation) across its restarts; a save game carries them with
+ * it: npcd_export_conversations when saving, npcd_import_conversations(replace = 1) when
+ * loading, so each NPC remembers what it had said in that save. Blocking calls like
+ * npcd_list_personas (at most timeout_ms, 0: 5000; NPCD_ERR_RPC with *rpc_code_out, when not
+ * NULL, the gRPC code; npcd_last_error() says more); lines in flight are not affected.
+ *
+ * npcd_export_conversations: the conversations of this client (of `persona` only, unless it
+ * is NULL or ""), as one opaque blob: NPCD_OK with *blob_out set (free it with
+ * npcd_blob_free). Store its bytes as they are.
+ */
+typedef struct npcd_blob npcd_blob;
+NPCD_API npcd_status npcd_export_conversations(npcd_client *client, const char *persona, uint32_t timeout_ms,
+                                               npcd_blob **blob_out, int32_t *rpc_code_out);
+/* The blob's bytes (valid until it is freed) and their count; how many conversations it holds. */
+NPCD_API const uint8_t *npcd_blob_data(const npcd_blob *blob);
+NPCD_API uint64_t npcd_blob_size(const npcd_blob *blob);
+NPCD_API uint32_t npcd_blob_conversations(const npcd_blob *blob);
+/* NULL is ignored. */
+NPCD_API void npcd_blob_free(npcd_blob *blob);
+/*
+ * Restores an exported blob. replace = 1 (loading a save game): this client's conversations
+ * become exactly the blob's; 0: the blob's are added, replacing those with the same ids.
+ * *imported_out (when not NULL): how many it held. A corrupt or foreign blob is refused by the
+ * daemon with NPCD_ERR_RPC and code 3 (INVALID_ARGUMENT), and nothing it stored is lost; a
+ * blob over NPCD_MAX_REQUEST_BYTES gets NPCD_ERR_TOO_LARGE and is not sent.
+ */
+NPCD_API npcd_status npcd_import_conversations(npcd_client *client, const uint8_t *data, uint64_t size,
+                                               int32_t replace, uint32_t timeout_ms, uint32_t *imported_out,
+                                               int32_t *rpc_code_out);
+/* Forgets one conversation (the NPC starts afresh): its id and persona, as the lines gave them. */
+NPCD_API npcd_status npcd_reset_conversation(npcd_client *client, const char *conversation, const char *persona,
+                                             uint32_t timeout_ms, int32_t *rpc_code_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -106,6 +106,17 @@ npcd_status optional_string(const char* s, const char* field, std::string* out, 
 
 }  // namespace
 
+npcd_status npcd::rpc_outcome(const grpc::Status& status, const char* call, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = status.error_code();
+    if (status.ok()) {
+        set_last_error("");
+        return NPCD_OK;
+    }
+    set_last_error(std::string(call) + " failed with gRPC code " + std::to_string(status.error_code()) + ": " +
+                   status.error_message());
+    return NPCD_ERR_RPC;
+}
+
 extern "C" {
 
 npcd_client* npcd_client_new_with_options(const npcd_client_options* options, npcd_status* status_out) {

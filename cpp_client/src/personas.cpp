@@ -1,5 +1,4 @@
 // The persona listing of the C ABI: one ListPersonas call, its answer copied into strings the list owns.
-#include <chrono>
 #include <string>
 #include <vector>
 
@@ -10,8 +9,6 @@
 #include "utf8.h"
 
 namespace {
-
-constexpr uint32_t kDefaultTimeoutMs = 5000;
 
 struct PersonaStrings {
     std::string id, display_name, description, metadata_json, error;
@@ -35,32 +32,23 @@ npcd_status npcd_list_personas(npcd_client* client, uint32_t timeout_ms, npcd_pe
     }
     *list_out = nullptr;
     npcd::v1::ListPersonasResponse response;
-    const grpc::Status status =
-        client->session->list_personas(std::chrono::milliseconds(timeout_ms ? timeout_ms : kDefaultTimeoutMs), &response);
-    if (!status.ok()) {
-        if (rpc_code_out != nullptr) *rpc_code_out = status.error_code();
-        npcd::set_last_error("ListPersonas failed with gRPC code " + std::to_string(status.error_code()) + ": " +
-                             status.error_message());
-        return NPCD_ERR_RPC;
-    }
+    const npcd_status outcome = npcd::rpc_outcome(
+        client->session->call(&npcd::v1::Npcd::Stub::ListPersonas, npcd::v1::ListPersonasRequest(),
+                              npcd::call_timeout(timeout_ms), &response),
+        "ListPersonas", rpc_code_out);
+    if (outcome != NPCD_OK) return outcome;
     auto* list = new npcd_persona_list;
-    list->strings.reserve(response.personas_size());
+    list->strings.reserve(response.personas_size());  // never reallocated below: personas point into it
     for (const auto& p : response.personas()) {
-        PersonaStrings s{p.id(), p.display_name(), p.description(), "{}", p.error()};
+        PersonaStrings& s = list->strings.emplace_back(PersonaStrings{p.id(), p.display_name(), p.description(), "{}", p.error()});
         if (p.has_metadata()) {
             google::protobuf::util::JsonPrintOptions compact;
             if (!google::protobuf::util::MessageToJsonString(p.metadata(), &s.metadata_json, compact).ok())
                 s.metadata_json = "{}";
         }
-        list->strings.push_back(std::move(s));
-    }
-    for (int i = 0; i < response.personas_size(); ++i) {
-        const PersonaStrings& s = list->strings[i];
         list->personas.push_back({s.id.c_str(), s.display_name.c_str(), s.description.c_str(),
-                                  s.metadata_json.c_str(), s.error.c_str(), response.personas(i).status(),
-                                  response.personas(i).has_adapter() ? 1 : 0});
+                                  s.metadata_json.c_str(), s.error.c_str(), p.status(), p.has_adapter() ? 1 : 0});
     }
-    npcd::set_last_error("");
     *list_out = list;
     return NPCD_OK;
 }

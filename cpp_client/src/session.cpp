@@ -166,13 +166,6 @@ bool Session::in_flight(const std::string& request_id) const {
     return in_flight_.count(request_id) != 0;
 }
 
-grpc::Status Session::list_personas(std::chrono::milliseconds timeout, v1::ListPersonasResponse* out) const {
-    grpc::ClientContext context;
-    open_context(&context);
-    context.set_deadline(std::chrono::system_clock::now() + timeout);
-    return stub_->ListPersonas(&context, v1::ListPersonasRequest(), out);
-}
-
 int32_t Session::state() const {
     std::lock_guard<std::mutex> lock(mu_);
     return state_;

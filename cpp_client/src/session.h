@@ -61,8 +61,16 @@ public:
     // Moves up to `max` events, oldest first, into `out`.
     void take(std::vector<Event>* out, size_t max);
     bool in_flight(const std::string& request_id) const;
-    // ListPersonas on the session's channel, with its token; waits at most `timeout` (for the channel too).
-    grpc::Status list_personas(std::chrono::milliseconds timeout, v1::ListPersonasResponse* out) const;
+    // A unary call (ListPersonas, ExportConversations ...) on the session's channel, with its token; waits at
+    // most `timeout` (for the channel too). Lines in flight are not affected.
+    template <class Request, class Response>
+    grpc::Status call(grpc::Status (v1::Npcd::Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+                      const Request& request, std::chrono::milliseconds timeout, Response* out) const {
+        grpc::ClientContext context;
+        open_context(&context);
+        context.set_deadline(std::chrono::system_clock::now() + timeout);
+        return (stub_.get()->*method)(&context, request, out);
+    }
     int32_t state() const;
 
 private:

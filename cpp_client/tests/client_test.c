@@ -931,9 +931,83 @@ static void test_personas(void) {
     printf("personas: %d listed\n", persona_count);
 }
 
+/* One line of `conversation`, waited for: it must finish. */
+static line *conversation_line(npcd_client *c, lines *ls, const char *persona, const char *conversation,
+                               const char *text) {
+    npcd_request *r = make_request(persona, text, 8);
+    CHECK(npcd_request_set_conversation(r, conversation) == NPCD_OK, "set_conversation");
+    line *l = submit(c, ls, r);
+    npcd_request_free(r);
+    pump_until(c, ls, l, is_done, 120, l->id);
+    expect_complete_line(l);
+    return l;
+}
+
+/* A save game's conversations through the C ABI: a line in a conversation is remembered (the next line's
+ * prompt holds its turns); the blob exported then, imported after a reset, brings that memory back; a corrupt
+ * blob is refused with INVALID_ARGUMENT and loses nothing; bad arguments are refused by name. */
+static void test_conversations(void) {
+    npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
+    lines ls = {0};
+    const char *persona = personas[0];
+    char conversation[64];
+    snprintf(conversation, sizeof conversation, "save-test-%d", (int)getpid());
+    int32_t code = -1;
+    CHECK(npcd_reset_conversation(c, conversation, persona, 10000, &code) == NPCD_OK && code == 0,
+          "npcd_reset_conversation: %s", npcd_last_error());
+    CHECK(conversation_line(c, &ls, persona, conversation, "Good morning.")->history_turns == 0,
+          "a new conversation's first line held history");
+    npcd_blob *saved = NULL;
+    CHECK(npcd_export_conversations(c, persona, 10000, &saved, &code) == NPCD_OK && saved != NULL,
+          "npcd_export_conversations: %s", npcd_last_error());
+    CHECK(npcd_blob_size(saved) > 0 && npcd_blob_data(saved) != NULL && npcd_blob_conversations(saved) >= 1,
+          "the blob: %llu bytes, %u conversations", (unsigned long long)npcd_blob_size(saved),
+          npcd_blob_conversations(saved));
+    const line *second = conversation_line(c, &ls, persona, conversation, "Any news?");
+    CHECK(second->history_turns >= 2, "the second line held %u earlier turns", second->history_turns);
+
+    CHECK(npcd_reset_conversation(c, conversation, persona, 10000, &code) == NPCD_OK, "reset: %s", npcd_last_error());
+    CHECK(conversation_line(c, &ls, persona, conversation, "Hello?")->history_turns == 0,
+          "a reset conversation still held history");
+    uint32_t imported = 0;
+    CHECK(npcd_import_conversations(c, npcd_blob_data(saved), npcd_blob_size(saved), 1, 10000, &imported, &code) ==
+              NPCD_OK && imported == npcd_blob_conversations(saved),
+          "npcd_import_conversations: %u imported, code %d: %s", imported, code, npcd_last_error());
+    const line *restored = conversation_line(c, &ls, persona, conversation, "Where were we?");
+    CHECK(restored->history_turns == 2, "after the import the line held %u earlier turns, want the save's 2",
+          restored->history_turns);
+
+    static const uint8_t corrupt[] = "not an npcd blob";
+    CHECK(npcd_import_conversations(c, corrupt, sizeof corrupt - 1, 1, 10000, &imported, &code) == NPCD_ERR_RPC &&
+              code == 3 && imported == 0,
+          "a corrupt blob: code %d, %u imported (%s)", code, imported, npcd_last_error());
+    CHECK(strstr(npcd_last_error(), "ImportConversations") != NULL, "last error '%s'", npcd_last_error());
+    const line *after = conversation_line(c, &ls, persona, conversation, "Still there?");
+    CHECK(after->history_turns >= 4, "the refused blob lost the conversation: %u earlier turns", after->history_turns);
+
+    npcd_blob *none = (npcd_blob *)1;
+    CHECK(npcd_export_conversations(NULL, NULL, 0, &none, NULL) == NPCD_ERR_INVALID_ARGUMENT, "a NULL client accepted");
+    CHECK(npcd_export_conversations(c, NULL, 0, NULL, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              strstr(npcd_last_error(), "blob_out") != NULL, "a NULL blob_out: '%s'", npcd_last_error());
+    CHECK(npcd_export_conversations(c, "\xed\xa0\x80", 0, &none, NULL) == NPCD_ERR_INVALID_UTF8 && none == NULL &&
+              strstr(npcd_last_error(), "persona") != NULL, "a surrogate persona: '%s'", npcd_last_error());
+    CHECK(npcd_import_conversations(c, NULL, 5, 1, 0, NULL, NULL) == NPCD_ERR_INVALID_ARGUMENT, "NULL data accepted");
+    CHECK(npcd_import_conversations(c, corrupt, (uint64_t)NPCD_MAX_REQUEST_BYTES + 1, 1, 0, NULL, NULL) ==
+              NPCD_ERR_TOO_LARGE, "an oversized blob was sent");
+    CHECK(npcd_reset_conversation(c, NULL, persona, 0, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              strstr(npcd_last_error(), "conversation") != NULL, "a NULL conversation: '%s'", npcd_last_error());
+    CHECK(npcd_blob_size(NULL) == 0 && npcd_blob_data(NULL) == NULL, "a NULL blob has bytes");
+    printf("conversations: %llu-byte blob, restored %u earlier turns\n", (unsigned long long)npcd_blob_size(saved),
+           restored->history_turns);
+    npcd_blob_free(saved);
+    npcd_blob_free(NULL);
+    npcd_client_free(c);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure|large|personas\n", argv[0]);
+        fprintf(stderr, "usage: %s stream|tick|cancel|structured|restart|busy|offline|secure|large|personas|conversations\n",
+                argv[0]);
         return 2;
     }
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -948,6 +1022,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "secure") == 0) test_secure();
     else if (strcmp(argv[1], "large") == 0) test_large();
     else if (strcmp(argv[1], "personas") == 0) test_personas();
+    else if (strcmp(argv[1], "conversations") == 0) test_conversations();
     else {
         fprintf(stderr, "unknown flow %s\n", argv[1]);
         return 2;

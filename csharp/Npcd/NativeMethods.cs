@@ -127,6 +127,13 @@ namespace Npcd
         [DllImport(Lib)] internal static extern IntPtr npcd_persona_list_get(IntPtr list, int index);
         [DllImport(Lib)] internal static extern void npcd_persona_list_free(IntPtr list);
 
+        [DllImport(Lib)] internal static extern int npcd_export_conversations(IntPtr client, byte[] persona, uint timeoutMs, out IntPtr blob, out int rpcCode);
+        [DllImport(Lib)] internal static extern IntPtr npcd_blob_data(IntPtr blob);
+        [DllImport(Lib)] internal static extern ulong npcd_blob_size(IntPtr blob);
+        [DllImport(Lib)] internal static extern void npcd_blob_free(IntPtr blob);
+        [DllImport(Lib)] internal static extern int npcd_import_conversations(IntPtr client, byte[] data, ulong size, int replace, uint timeoutMs, out uint imported, out int rpcCode);
+        [DllImport(Lib)] internal static extern int npcd_reset_conversation(IntPtr client, byte[] conversation, byte[] persona, uint timeoutMs, out int rpcCode);
+
         /// <summary>NUL-terminated UTF-8 of s. Refuses (ArgumentException whose ParamName is
         /// `field`) what the C side would cut short or what UTF-8 cannot carry: an embedded
         /// '\0', and a lone UTF-16 surrogate (which Encoding.UTF8 would silently replace).</summary>

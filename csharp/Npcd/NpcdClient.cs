@@ -148,6 +148,60 @@ namespace Npcd
             return NativeMethods.npcd_cancel(Live(), NativeMethods.Utf8(requestId, "requestId")) == 0;
         }
 
+        /// <summary>What every NPC remembers (the lines' Conversation), for the game's save file: store the
+        /// bytes as they are and give them to ImportConversations when the save is loaded. Only `persona`'s
+        /// conversations unless it is null. Blocks for at most timeoutMs (0: 5000).</summary>
+        /// <exception cref="NpcdUnavailableException">the daemon did not answer in time or refused</exception>
+        public byte[] ExportConversations(string persona = null, uint timeoutMs = 0)
+        {
+            IntPtr blob;
+            int code;
+            Called(NativeMethods.npcd_export_conversations(Live(), NativeMethods.Utf8OrNull(persona, "persona"), timeoutMs,
+                                                           out blob, out code), code, "npcd_export_conversations");
+            try
+            {
+                var data = new byte[checked((int)NativeMethods.npcd_blob_size(blob))];
+                if (data.Length > 0) Marshal.Copy(NativeMethods.npcd_blob_data(blob), data, 0, data.Length);
+                return data;
+            }
+            finally
+            {
+                NativeMethods.npcd_blob_free(blob);
+            }
+        }
+
+        /// <summary>Restores an exported blob; returns how many conversations it held. replace (loading a save
+        /// game): this client's conversations become exactly the blob's; false adds them. A corrupt or foreign
+        /// blob throws NpcdUnavailableException with Code 3 (INVALID_ARGUMENT), and nothing stored is lost; one over
+        /// RequestTooLargeException.MaxRequestBytes throws RequestTooLargeException and is not sent.</summary>
+        public int ImportConversations(byte[] blob, bool replace = true, uint timeoutMs = 0)
+        {
+            if (blob == null) throw new ArgumentNullException("blob");
+            uint imported;
+            int code;
+            Called(NativeMethods.npcd_import_conversations(Live(), blob, (ulong)blob.LongLength, replace ? 1 : 0, timeoutMs,
+                                                           out imported, out code), code, "npcd_import_conversations");
+            return (int)imported;
+        }
+
+        /// <summary>Forgets one conversation: the NPC starts afresh. Its id and persona, as the lines gave them.</summary>
+        public void ResetConversation(string conversation, string persona, uint timeoutMs = 0)
+        {
+            int code;
+            Called(NativeMethods.npcd_reset_conversation(Live(), NativeMethods.Utf8(conversation, "conversation"),
+                                                         NativeMethods.Utf8(persona, "persona"), timeoutMs, out code),
+                   code, "npcd_reset_conversation");
+        }
+
+        // A blocking call's status: NpcdUnavailableException for the daemon's (gRPC) failure, RequestTooLargeException
+        // for a blob over the limit (ParamName "blob"), else the binding's own bug.
+        private static void Called(int status, int rpcCode, string call)
+        {
+            if (status == NativeMethods.StatusRpc) throw new NpcdUnavailableException(rpcCode, NativeMethods.LastError());
+            if (status == NativeMethods.StatusTooLarge) throw new RequestTooLargeException(NativeMethods.LastError(), "blob");
+            if (status != NativeMethods.StatusOk) throw new InvalidOperationException(call + ": " + NativeMethods.LastError());
+        }
+
         /// <summary>The daemon's personas, by id: for an editor's dropdown or a loading screen. Blocks
         /// for at most timeoutMs (0: 5000), so not a call for every frame; lines in flight go on.</summary>
         /// <exception cref="NpcdUnavailableException">the daemon did not answer in time or refused</exception>
@@ -155,10 +209,7 @@ namespace Npcd
         {
             IntPtr list;
             int code;
-            int status = NativeMethods.npcd_list_personas(Live(), timeoutMs, out list, out code);
-            if (status == NativeMethods.StatusRpc) throw new NpcdUnavailableException(code, NativeMethods.LastError());
-            if (status != NativeMethods.StatusOk)
-                throw new InvalidOperationException("npcd_list_personas: " + NativeMethods.LastError());
+            Called(NativeMethods.npcd_list_personas(Live(), timeoutMs, out list, out code), code, "npcd_list_personas");
             try
             {
                 var personas = new PersonaInfo[NativeMethods.npcd_persona_list_count(list)];

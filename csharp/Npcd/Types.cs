@@ -3,13 +3,14 @@ namespace Npcd
     /// <summary>NpcdClient.Say refused the request before sending anything: serialized, it is
     /// over MaxRequestBytes (NPCD_MAX_REQUEST_BYTES: gRPC's 4 MiB message limit less the Tick
     /// around it), which would end the whole session. The message names its size and the
-    /// limit. Shorten the line, the history or the context. ParamName is "request".</summary>
+    /// limit. Shorten the line, the history or the context. ParamName is "request" (or "blob" for
+    /// ImportConversations).</summary>
     public sealed class RequestTooLargeException : System.ArgumentException
     {
         /// <summary>The most bytes one request may take serialized.</summary>
         public const int MaxRequestBytes = 4194304 - 16384;
 
-        public RequestTooLargeException(string message) : base(message, "request") { }
+        public RequestTooLargeException(string message, string paramName = "request") : base(message, paramName) { }
     }
 
     /// <summary>The numbers of npcd_connection_state.</summary>
@@ -165,8 +166,9 @@ namespace Npcd
         }
     }
 
-    /// <summary>The daemon did not answer a call that waits for it (ListPersonas): Code is the gRPC
-    /// status code (14 UNAVAILABLE when it is not running, 4 DEADLINE_EXCEEDED, 16 UNAUTHENTICATED).</summary>
+    /// <summary>A call that waits for the daemon (ListPersonas, the conversation calls) failed: it did not
+    /// answer, or refused. Code is the gRPC status code (14 UNAVAILABLE when it is not running, 4
+    /// DEADLINE_EXCEEDED, 16 UNAUTHENTICATED, 3 INVALID_ARGUMENT for a corrupt blob).</summary>
     public sealed class NpcdUnavailableException : System.Exception
     {
         public readonly int Code;

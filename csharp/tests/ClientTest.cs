@@ -1,6 +1,6 @@
 // Tests of the C# binding against a real daemon, through the native library. One flow per
 // run, with the same environment as the C tests (cpp_client/tests/client_test.c):
-//   mono ClientTest.exe stream|tick|cancel|large|personas   needs NPCD_TEST_ADDR
+//   mono ClientTest.exe stream|tick|cancel|large|personas|conversations   needs NPCD_TEST_ADDR
 //   mono ClientTest.exe structured           needs NPCD_TEST_ADDR and a persona "merchant" that
 //                                            declares emotions and actions
 //   mono ClientTest.exe restart              needs NPCD_TEST_DAEMON_CMD and NPCD_TEST_RESTART_ADDR
@@ -391,6 +391,50 @@ internal static class Test
         Console.WriteLine("personas: " + personas.Length + " listed");
     }
 
+    // One finished line of `conversation`; returns how many earlier turns its prompt held.
+    private static int ConversationLine(NpcdClient client, string conversation, string text)
+    {
+        var request = Request(personas[0], text, 8);
+        request.Conversation = conversation;
+        var r = Say(client, request);
+        PumpUntil(client, () => r.Line.IsDone, 120, r.Line.Id);
+        r.ExpectComplete();
+        return r.Line.Result.HistoryTurns;
+    }
+
+    private static void Conversations()
+    {
+        using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
+        {
+            string conversation = "cs-save-" + Process.GetCurrentProcess().Id;
+            client.ResetConversation(conversation, personas[0], 10000);
+            Check(ConversationLine(client, conversation, "Good morning.") == 0, "a new conversation held history");
+            byte[] saved = client.ExportConversations(personas[0], 10000);
+            Check(saved.Length > 0, "an empty blob");
+            Check(ConversationLine(client, conversation, "Any news?") >= 2, "the second line held no history");
+            client.ResetConversation(conversation, personas[0], 10000);
+            Check(ConversationLine(client, conversation, "Hello?") == 0, "a reset conversation still held history");
+            Check(client.ImportConversations(saved, true, 10000) >= 1, "the import restored nothing");
+            int restored = ConversationLine(client, conversation, "Where were we?");
+            Check(restored == 2, "after the import the line held " + restored + " earlier turns, want the save's 2");
+            try
+            {
+                client.ImportConversations(System.Text.Encoding.UTF8.GetBytes("not an npcd blob"), true, 10000);
+                throw new TestFailure("a corrupt blob was imported");
+            }
+            catch (NpcdUnavailableException e)
+            {
+                Check(e.Code == 3, "a corrupt blob gave code " + e.Code + ": " + e.Message);
+            }
+            Check(ConversationLine(client, conversation, "Still there?") >= 4, "the refused blob lost the conversation");
+            var big = Refused(() => client.ImportConversations(new byte[RequestTooLargeException.MaxRequestBytes + 1]), "an oversized blob");
+            Check(big is RequestTooLargeException && big.ParamName == "blob", "want RequestTooLargeException(blob), got " + big);
+            Check(Refused(() => client.ResetConversation(null, personas[0]), "a null conversation").ParamName == "conversation",
+                  "a null conversation not named");
+            Console.WriteLine("conversations: " + saved.Length + "-byte blob, restored " + restored + " earlier turns");
+        }
+    }
+
     private static void Large()
     {
         using (var client = Connect(Env("NPCD_TEST_ADDR"), 60))
@@ -619,6 +663,7 @@ internal static class Test
                 case "secure": Secure(); break;
                 case "large": Large(); break;
                 case "personas": Personas(); break;
+                case "conversations": Conversations(); break;
                 default:
                     Console.Error.WriteLine("unknown flow " + args[0]);
                     return 2;

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config", "mcs", "mono", "openssl")
-FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large", "personas")
+FLOWS = ("stream", "tick", "cancel", "structured", "restart", "busy", "offline", "secure", "large", "personas",
+         "conversations")
 TOKEN = "npcd-test-token-8f3a"
 LORA_PERSONAS = ("elf", "guard", "merchant")
 # What the structured flow's persona may feel and do (the flows check the events, not the choice), and its metadata.

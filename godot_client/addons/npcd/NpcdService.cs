@@ -43,17 +43,8 @@ namespace NpcdGodot
         public Godot.Collections.Array<Godot.Collections.Dictionary> ListPersonas(int timeoutMs)
         {
             var list = new Godot.Collections.Array<Godot.Collections.Dictionary>();
-            PersonaInfo[] personas;
-            try
-            {
-                personas = Client.ListPersonas((uint)Math.Max(timeoutMs, 0));
-            }
-            catch (NpcdUnavailableException e)
-            {
-                GD.PushError("npcd: ListPersonas failed (code " + e.Code + "): " + e.Message);
-                return list;
-            }
-            foreach (PersonaInfo p in personas)
+            foreach (PersonaInfo p in Blocking("ListPersonas", () => Client.ListPersonas((uint)Math.Max(timeoutMs, 0)),
+                                               new PersonaInfo[0]))
             {
                 list.Add(new Godot.Collections.Dictionary
                 {
@@ -67,6 +58,46 @@ namespace NpcdGodot
                 });
             }
             return list;
+        }
+
+        /// <summary>What every NPC remembers (the NpcDialogue nodes' Conversation), for the save file: a
+        /// PackedByteArray to store as it is (only `persona`'s conversations unless it is ""). Empty, with
+        /// the error pushed, when the daemon does not answer. GDScript: <c>Npcd.ExportConversations("", 5000)</c>.</summary>
+        public byte[] ExportConversations(string persona, int timeoutMs)
+        {
+            return Blocking("ExportConversations", () => Client.ExportConversations(
+                string.IsNullOrEmpty(persona) ? null : persona, (uint)Math.Max(timeoutMs, 0)), new byte[0]);
+        }
+
+        /// <summary>Restores a saved blob (replace: the daemon's memory becomes exactly the save's); returns
+        /// how many conversations it held, or -1 with the error pushed (a corrupt blob: code 3, nothing lost).</summary>
+        public int ImportConversations(byte[] blob, bool replace, int timeoutMs)
+        {
+            return Blocking("ImportConversations", () => Client.ImportConversations(blob, replace, (uint)Math.Max(timeoutMs, 0)), -1);
+        }
+
+        /// <summary>Makes one NPC forget its conversation; false with the error pushed when refused.</summary>
+        public bool ResetConversation(string conversation, string persona, int timeoutMs)
+        {
+            return Blocking("ResetConversation", () =>
+            {
+                Client.ResetConversation(conversation, persona, (uint)Math.Max(timeoutMs, 0));
+                return true;
+            }, false);
+        }
+
+        // A call that waits for the daemon: its result, or `failed` with the daemon's refusal pushed as an error.
+        private static T Blocking<T>(string call, Func<T> work, T failed)
+        {
+            try
+            {
+                return work();
+            }
+            catch (NpcdUnavailableException e)
+            {
+                GD.PushError("npcd: " + call + " failed (code " + e.Code + "): " + e.Message);
+                return failed;
+            }
         }
 
         public override void _Process(double delta)

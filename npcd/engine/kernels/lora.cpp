@@ -98,8 +98,8 @@ struct Zmm {
 #if defined(__AVX2__) && defined(__FMA__)
 // dst[i][c0..c0+kWidth*kV) = scale[c0..) * sum_k src_i[k] * W[k, c0..)  (W row-major, row stride ld),
 // for kR rows; scale is nullptr (1) for float weights. `accumulate`: dst += instead of =. Every element is
-// an FMA chain over k ascending, then one multiply, whichever width the caller picked, so its value never
-// depends on how the work was cut nor on the vector width.
+// an FMA chain over k ascending, then one multiply (an FMA into dst when accumulating), whichever width the
+// caller picked, so its value never depends on how the work was cut nor on the vector width.
 template <class S, int kR, int kV, typename TW>
 inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int64_t K, int64_t c0,
                            const float* scale, float* const* dst, bool accumulate) {
@@ -121,8 +121,15 @@ inline void rows_times_vec(const float* const* src, const TW* W, int64_t ld, int
   for (int i = 0; i < kR; ++i)
     for (int v = 0; v < kV; ++v) {
       float* d = dst[i] + c0 + S::kWidth * v;
-      const typename S::V r = scale ? S::mul(acc[i][v], S::load(scale + c0 + S::kWidth * v)) : acc[i][v];
-      S::store(d, accumulate ? S::add(S::load(d), r) : r);
+      // Scaled sums are added with an explicit FMA: a separate multiply and add would be fused by the
+      // compiler (GCC contracts by default) in some instantiations and not others, and the row's result would
+      // then depend on whether it ran in a tile of kRows or alone.
+      if (scale) {
+        const typename S::V sv = S::load(scale + c0 + S::kWidth * v);
+        S::store(d, accumulate ? S::fmadd(acc[i][v], sv, S::load(d)) : S::mul(acc[i][v], sv));
+      } else {
+        S::store(d, accumulate ? S::add(S::load(d), acc[i][v]) : acc[i][v]);
+      }
     }
 }
 #endif
@@ -147,8 +154,10 @@ inline void rows_times(const float* const* src, const TW* W, int64_t ld, int64_t
     for (int64_t e = c; e < c0 + w; ++e) {
       float s = 0.0f;
       for (int64_t k = 0; k < K; ++k) s = std::fma(src[i][k], to_float(W[k * ld + e]), s);
-      if (scale) s *= scale[e];
-      dst[i][e] = accumulate ? dst[i][e] + s : s;
+      if (scale)
+        dst[i][e] = accumulate ? std::fma(s, scale[e], dst[i][e]) : s * scale[e];
+      else
+        dst[i][e] = accumulate ? dst[i][e] + s : s;
     }
 }
 

@@ -76,14 +76,10 @@ bool UNpcdSubsystem::ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Per
     ErrorCode = 0;
     npcd_persona_list* List = nullptr;
     int32_t Code = 0;
-    if (Client == nullptr ||
-        npcd_list_personas(Client, static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &List, &Code) != NPCD_OK)
-    {
-        ErrorCode = Client == nullptr ? 14 : Code;
-        UE_LOG(LogTemp, Warning, TEXT("npcd: ListPersonas failed (code %d): %s"), ErrorCode,
-               Client == nullptr ? TEXT("no client (see the log above)") : UTF8_TO_TCHAR(npcd_last_error()));
+    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                  : npcd_list_personas(Client, static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &List, &Code),
+                Code, TEXT("ListPersonas"), ErrorCode))
         return false;
-    }
     for (int32 Index = 0; Index < npcd_persona_list_count(List); ++Index)
     {
         const npcd_persona* Native = npcd_persona_list_get(List, Index);
@@ -98,6 +94,55 @@ bool UNpcdSubsystem::ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Per
     }
     npcd_persona_list_free(List);
     return true;
+}
+
+bool UNpcdSubsystem::Called(npcd_status Status, int32 RpcCode, const TCHAR* Call, int32& ErrorCode) const
+{
+    ErrorCode = 0;
+    if (Client != nullptr && Status == NPCD_OK) return true;
+    ErrorCode = Client == nullptr ? 14 : RpcCode != 0 ? RpcCode : 3;
+    UE_LOG(LogTemp, Warning, TEXT("npcd: %s failed (code %d): %s"), Call, ErrorCode,
+           Client == nullptr ? TEXT("no client (see the log above)") : UTF8_TO_TCHAR(npcd_last_error()));
+    return false;
+}
+
+bool UNpcdSubsystem::ExportConversations(const FString& Persona, int32 TimeoutMs, TArray<uint8>& Blob, int32& ErrorCode)
+{
+    Blob.Reset();
+    npcd_blob* Native = nullptr;
+    int32_t Code = 0;
+    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                  : npcd_export_conversations(Client, TCHAR_TO_UTF8(*Persona),
+                                                              static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Native, &Code),
+                Code, TEXT("ExportConversations"), ErrorCode))
+        return false;
+    Blob.Append(npcd_blob_data(Native), static_cast<int32>(npcd_blob_size(Native)));
+    npcd_blob_free(Native);
+    return true;
+}
+
+bool UNpcdSubsystem::ImportConversations(const TArray<uint8>& Blob, bool bReplace, int32 TimeoutMs, int32& Imported,
+                                         int32& ErrorCode)
+{
+    uint32_t Count = 0;
+    int32_t Code = 0;
+    const bool bOk = Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                              : npcd_import_conversations(Client, Blob.GetData(), static_cast<uint64_t>(Blob.Num()),
+                                                                          bReplace ? 1 : 0,
+                                                                          static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)),
+                                                                          &Count, &Code),
+                            Code, TEXT("ImportConversations"), ErrorCode);
+    Imported = static_cast<int32>(Count);
+    return bOk;
+}
+
+bool UNpcdSubsystem::ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode)
+{
+    int32_t Code = 0;
+    return Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                    : npcd_reset_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
+                                                              static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Code),
+                  Code, TEXT("ResetConversation"), ErrorCode);
 }
 
 void UNpcdSubsystem::Forget(const FString& RequestId)

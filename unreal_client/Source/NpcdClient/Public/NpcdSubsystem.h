@@ -76,6 +76,21 @@ public:
      */
     UFUNCTION(BlueprintCallable, Category = "npcd")
     bool ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Personas, int32& ErrorCode);
+
+    /**
+     * What every NPC remembers (lines with a Conversation), for the save game: store Blob as it is (only
+     * Persona's conversations unless it is empty). Waits for the daemon up to TimeoutMs (0: 5000); false with
+     * ErrorCode (the gRPC code) when it does not answer.
+     */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool ExportConversations(const FString& Persona, int32 TimeoutMs, TArray<uint8>& Blob, int32& ErrorCode);
+    /** Restores a saved Blob (bReplace: the daemon's memory becomes exactly the save's); Imported: how many
+     *  conversations it held. A corrupt blob: false, ErrorCode 3, and nothing stored is lost. */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool ImportConversations(const TArray<uint8>& Blob, bool bReplace, int32 TimeoutMs, int32& Imported, int32& ErrorCode);
+    /** Makes one NPC forget its conversation. */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode);
     /** Stops delivering a request's events (its listener is going away). */
     void Forget(const FString& RequestId);
 
@@ -95,6 +110,9 @@ public:
     FNpcdSentenceReady OnSentence;
 
 private:
+    /** A blocking call's outcome: true for NPCD_OK; else ErrorCode (14 without a client) and a logged warning. */
+    bool Called(npcd_status Status, int32 RpcCode, const TCHAR* Call, int32& ErrorCode) const;
+
     npcd_client* Client = nullptr;
     TMap<FString, INpcdLineListener*> Listeners;
 };

@@ -1,0 +1,102 @@
+// The conversations of the C ABI: a save game's blob out and back in, and a reset, each one unary call.
+#include <string>
+
+#include "client.h"
+#include "npcd_client.h"
+#include "utf8.h"
+
+struct npcd_blob {
+    std::string data;
+    uint32_t conversations = 0;
+};
+
+namespace {
+
+// NULL client, or a string that is not valid UTF-8 (the wire refuses it), named; NPCD_OK otherwise.
+npcd_status check_text(const char* field, const char* text) {
+    if (text == nullptr) return NPCD_OK;
+    const npcd_status status = npcd_check_utf8(text, std::char_traits<char>::length(text));
+    if (status != NPCD_OK) npcd::set_last_error(std::string(field) + ": " + npcd_last_error());
+    return status;
+}
+
+}  // namespace
+
+extern "C" {
+
+npcd_status npcd_export_conversations(npcd_client* client, const char* persona, uint32_t timeout_ms,
+                                      npcd_blob** blob_out, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (client == nullptr || blob_out == nullptr) {
+        npcd::set_last_error(client == nullptr ? "client is NULL" : "blob_out is NULL");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    *blob_out = nullptr;
+    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
+    npcd::v1::ExportConversationsRequest request;
+    if (persona != nullptr) request.set_persona(persona);
+    npcd::v1::ConversationsBlob response;
+    const npcd_status outcome = npcd::rpc_outcome(
+        client->session->call(&npcd::v1::Npcd::Stub::ExportConversations, request, npcd::call_timeout(timeout_ms),
+                              &response),
+        "ExportConversations", rpc_code_out);
+    if (outcome != NPCD_OK) return outcome;
+    *blob_out = new npcd_blob{std::move(*response.mutable_data()), response.conversations()};
+    return NPCD_OK;
+}
+
+const uint8_t* npcd_blob_data(const npcd_blob* blob) {
+    return blob == nullptr ? nullptr : reinterpret_cast<const uint8_t*>(blob->data.data());
+}
+
+uint64_t npcd_blob_size(const npcd_blob* blob) { return blob == nullptr ? 0 : blob->data.size(); }
+
+uint32_t npcd_blob_conversations(const npcd_blob* blob) { return blob == nullptr ? 0 : blob->conversations; }
+
+void npcd_blob_free(npcd_blob* blob) { delete blob; }
+
+npcd_status npcd_import_conversations(npcd_client* client, const uint8_t* data, uint64_t size, int32_t replace,
+                                      uint32_t timeout_ms, uint32_t* imported_out, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (imported_out != nullptr) *imported_out = 0;
+    if (client == nullptr || (data == nullptr && size > 0)) {
+        npcd::set_last_error(client == nullptr ? "client is NULL" : "data is NULL with a size");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    if (size > NPCD_MAX_REQUEST_BYTES) {
+        npcd::set_last_error("the blob has " + std::to_string(size) + " bytes; one call carries at most " +
+                             std::to_string(NPCD_MAX_REQUEST_BYTES));
+        return NPCD_ERR_TOO_LARGE;
+    }
+    npcd::v1::ImportConversationsRequest request;
+    if (size > 0) request.set_data(reinterpret_cast<const char*>(data), size);
+    request.set_replace(replace != 0);
+    npcd::v1::ImportConversationsResponse response;
+    const npcd_status outcome = npcd::rpc_outcome(
+        client->session->call(&npcd::v1::Npcd::Stub::ImportConversations, request, npcd::call_timeout(timeout_ms),
+                              &response),
+        "ImportConversations", rpc_code_out);
+    if (outcome == NPCD_OK && imported_out != nullptr) *imported_out = response.conversations();
+    return outcome;
+}
+
+npcd_status npcd_reset_conversation(npcd_client* client, const char* conversation, const char* persona,
+                                    uint32_t timeout_ms, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (client == nullptr || conversation == nullptr || persona == nullptr) {
+        npcd::set_last_error(client == nullptr ? "client is NULL" : conversation == nullptr ? "conversation is NULL"
+                                                                                             : "persona is NULL");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    if (const npcd_status bad = check_text("conversation", conversation); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
+    npcd::v1::ConversationRef request;
+    request.set_conversation(conversation);
+    request.set_persona(persona);
+    npcd::v1::Conversation response;
+    return npcd::rpc_outcome(client->session->call(&npcd::v1::Npcd::Stub::ResetConversation, request,
+                                                   npcd::call_timeout(timeout_ms), &response),
+                             "ResetConversation", rpc_code_out);
+}
+
+}  // extern "C"
