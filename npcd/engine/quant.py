@@ -58,7 +58,7 @@ def lora_dtype(mode: str) -> torch.dtype:
     on the Sapphire Rapids machine a step's 120 deltas of 8 such adapters took 13.7 / 17.2 ms at batch 8 / 32 in
     bf16 and 8.6 / 11.7 ms in int8 (the kernel alone, 2 threads). Its rounding is small beside the 4-bit base's
     own: the shipped personas on the 4-bit base against fp32 weights and adapters, KL 0.0046 nats/token and
-    top-1 97.4% with bf16 stacks, 0.0052 and 96.6% with int8 (tests/engine/test_quant.py holds it to the
+    top-1 97.4% with bf16 stacks, 0.0051 and 96.6% with int8 (tests/engine/test_quant.py holds it to the
     quality gate). fp32 mode keeps fp32 stacks: it is the reference the PEFT tests compare. bf16 mode keeps
     bf16, its own dtype."""
     return torch.int8 if mode in ("int8", "int4") else dense_dtype(mode)
