@@ -391,13 +391,15 @@ class Engine:
 
     def describe(self) -> dict[str, object]:
         """The resolved fast path, for the startup log and /metrics: what runs, in what dtype, with which kernels."""
+        kernels = self.model.kernels()
         return {
             "backend": self.config.backend, "model": str(self.model_dir), "device": str(self.device),
             "cpu": cpu_model_name() if self.device.type == "cpu" else "",
             "cpu_capability": torch.backends.cpu.get_cpu_capability() if self.device.type == "cpu" else "",
             "weights": self.placement.weights, "weights_reason": self.placement.reason,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "kernels": self.model.kernels(), "prefill_policy": self.config.prefill_policy,
+            "kernels": {**kernels, "lora": f"{kernels['lora']}; adapter stacks in {self.stacks.describe()}"},
+            "prefill_policy": self.config.prefill_policy,
             "kernel_build_s": round(self.model.cpu_kernels.build_s, 1) if self.model.cpu_kernels else 0.0,
             "warmup_ms": round(self.warmup_ms, 1),
             # fp32 and the block modes: greedy and seeded text alone equals batched (tests/engine/test_quant.py);

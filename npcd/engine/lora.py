@@ -101,6 +101,10 @@ class LoraStacks:
     def quantized(self) -> bool:
         return self.dtype == torch.int8
 
+    def describe(self) -> str:
+        """The stacks' dtype as the startup log says it."""
+        return "int8, a scale per column" if self.quantized else str(self.dtype).removeprefix("torch.")
+
     def ensure_rank(self, rank: int) -> None:
         """Grow every stack to `rank` columns, keeping what is resident."""
         if rank <= self.rank:

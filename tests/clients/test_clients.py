@@ -216,10 +216,11 @@ def test_csharp_flow_passes_against_the_daemon(clients_build, test_env, restart_
     assert output.startswith(f"{flow}:"), output
 
 
-@pytest.mark.parametrize("flow", ["offline", "structured"])
+@pytest.mark.parametrize("flow", ["offline", "structured", "conversations"])
 def test_the_c_abi_is_memcheck_clean(clients_build, test_env, restart_log, flow):
-    """The C flows that refuse bad strings (NUL, lone surrogates, bad addresses), queue while connecting and
-    parse structured and sentence events, under memcheck: no invalid read or write. (Leaks are not checked: c-ares, under
+    """The C flows that refuse bad strings (NUL, lone surrogates, bad addresses), queue while connecting, parse
+    structured and sentence events and carry a save game's blob out and back, under memcheck: no invalid read or
+    write. (Leaks are not checked: c-ares, under
     grpc's name resolver, leaves 20 bytes unfreed at exit, outside npcd's code.)"""
     if shutil.which("valgrind") is None:
         pytest.skip("valgrind is not installed")
