@@ -418,6 +418,41 @@ NPCD_API npcd_status npcd_import_conversations(npcd_client *client, const uint8_
 NPCD_API npcd_status npcd_reset_conversation(npcd_client *client, const char *conversation, const char *persona,
                                              uint32_t timeout_ms, int32_t *rpc_code_out);
 
+/* One turn of a conversation, oldest first. Strings are never NULL. */
+typedef struct npcd_turn {
+    const char *speaker;
+    const char *text;
+    int32_t npc; /* 1: said by this conversation's NPC (its replies), 0: by a player or another NPC */
+} npcd_turn;
+
+typedef struct npcd_conversation npcd_conversation;
+
+/*
+ * What one NPC remembers, for a journal or a quest log: every turn of the conversation
+ * (prompts hold the newest that fit) and, for a persona that summarises, what the dropped
+ * turns said. NPCD_OK with *conversation_out set (free it with npcd_conversation_free); an
+ * unknown conversation is an empty one. Blocking, as above.
+ */
+NPCD_API npcd_status npcd_get_conversation(npcd_client *client, const char *conversation, const char *persona,
+                                           uint32_t timeout_ms, npcd_conversation **conversation_out,
+                                           int32_t *rpc_code_out);
+NPCD_API int32_t npcd_conversation_turn_count(const npcd_conversation *conversation);
+/* Turn `index` (0 .. count - 1); NULL outside that range. Valid until the conversation is freed. */
+NPCD_API const npcd_turn *npcd_conversation_turn(const npcd_conversation *conversation, int32_t index);
+/* "" when there is none. */
+NPCD_API const char *npcd_conversation_summary(const npcd_conversation *conversation);
+/* NULL is ignored. */
+NPCD_API void npcd_conversation_free(npcd_conversation *conversation);
+/*
+ * Adds a turn the NPC should remember without a line of its own: what the player told
+ * another NPC nearby, an event of the game ("The bell rang twice."), or, with npc = 1, words
+ * the game puts in the NPC's mouth. The daemon refuses an unknown persona (code 5) and
+ * over-long text (code 3, naming the field).
+ */
+NPCD_API npcd_status npcd_add_turn(npcd_client *client, const char *conversation, const char *persona,
+                                   const char *speaker, const char *text, int32_t npc, uint32_t timeout_ms,
+                                   int32_t *rpc_code_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,5 +1,7 @@
-// The conversations of the C ABI: a save game's blob out and back in, and a reset, each one unary call.
+// The conversations of the C ABI: a save game's blob out and back in, reading one, adding a turn, and a reset,
+// each one unary call.
 #include <string>
+#include <vector>
 
 #include "client.h"
 #include "npcd_client.h"
@@ -10,6 +12,11 @@ struct npcd_blob {
     uint32_t conversations = 0;
 };
 
+struct npcd_conversation {
+    npcd::v1::Conversation message;  // owns the strings the turns point into; never changed after it is filled
+    std::vector<npcd_turn> turns;
+};
+
 namespace {
 
 // NULL client, or a string that is not valid UTF-8 (the wire refuses it), named; NPCD_OK otherwise.
@@ -18,6 +25,19 @@ npcd_status check_text(const char* field, const char* text) {
     const npcd_status status = npcd_check_utf8(text, std::char_traits<char>::length(text));
     if (status != NPCD_OK) npcd::set_last_error(std::string(field) + ": " + npcd_last_error());
     return status;
+}
+
+// The reference both calls name a conversation by: NPCD_OK, or the first NULL or malformed field, named.
+npcd_status make_ref(const char* conversation, const char* persona, npcd::v1::ConversationRef* ref) {
+    if (conversation == nullptr || persona == nullptr) {
+        npcd::set_last_error(conversation == nullptr ? "conversation is NULL" : "persona is NULL");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    if (const npcd_status bad = check_text("conversation", conversation); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
+    ref->set_conversation(conversation);
+    ref->set_persona(persona);
+    return NPCD_OK;
 }
 
 }  // namespace
@@ -83,20 +103,77 @@ npcd_status npcd_import_conversations(npcd_client* client, const uint8_t* data, 
 npcd_status npcd_reset_conversation(npcd_client* client, const char* conversation, const char* persona,
                                     uint32_t timeout_ms, int32_t* rpc_code_out) {
     if (rpc_code_out != nullptr) *rpc_code_out = 0;
-    if (client == nullptr || conversation == nullptr || persona == nullptr) {
-        npcd::set_last_error(client == nullptr ? "client is NULL" : conversation == nullptr ? "conversation is NULL"
-                                                                                             : "persona is NULL");
+    if (client == nullptr) {
+        npcd::set_last_error("client is NULL");
         return NPCD_ERR_INVALID_ARGUMENT;
     }
-    if (const npcd_status bad = check_text("conversation", conversation); bad != NPCD_OK) return bad;
-    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
     npcd::v1::ConversationRef request;
-    request.set_conversation(conversation);
-    request.set_persona(persona);
+    if (const npcd_status bad = make_ref(conversation, persona, &request); bad != NPCD_OK) return bad;
     npcd::v1::Conversation response;
     return npcd::rpc_outcome(client->session->call(&npcd::v1::Npcd::Stub::ResetConversation, request,
                                                    npcd::call_timeout(timeout_ms), &response),
                              "ResetConversation", rpc_code_out);
+}
+
+npcd_status npcd_get_conversation(npcd_client* client, const char* conversation, const char* persona,
+                                  uint32_t timeout_ms, npcd_conversation** conversation_out, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (client == nullptr || conversation_out == nullptr) {
+        npcd::set_last_error(client == nullptr ? "client is NULL" : "conversation_out is NULL");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    *conversation_out = nullptr;
+    npcd::v1::ConversationRef request;
+    if (const npcd_status bad = make_ref(conversation, persona, &request); bad != NPCD_OK) return bad;
+    auto* out = new npcd_conversation;
+    const npcd_status outcome = npcd::rpc_outcome(
+        client->session->call(&npcd::v1::Npcd::Stub::GetConversation, request, npcd::call_timeout(timeout_ms),
+                              &out->message),
+        "GetConversation", rpc_code_out);
+    if (outcome != NPCD_OK) {
+        delete out;
+        return outcome;
+    }
+    for (const auto& turn : out->message.turns())
+        out->turns.push_back({turn.speaker().c_str(), turn.text().c_str(), turn.npc() ? 1 : 0});
+    *conversation_out = out;
+    return NPCD_OK;
+}
+
+int32_t npcd_conversation_turn_count(const npcd_conversation* conversation) {
+    return conversation == nullptr ? 0 : static_cast<int32_t>(conversation->turns.size());
+}
+
+const npcd_turn* npcd_conversation_turn(const npcd_conversation* conversation, int32_t index) {
+    if (index < 0 || index >= npcd_conversation_turn_count(conversation)) return nullptr;
+    return &conversation->turns[index];
+}
+
+const char* npcd_conversation_summary(const npcd_conversation* conversation) {
+    return conversation == nullptr ? "" : conversation->message.summary().c_str();
+}
+
+void npcd_conversation_free(npcd_conversation* conversation) { delete conversation; }
+
+npcd_status npcd_add_turn(npcd_client* client, const char* conversation, const char* persona, const char* speaker,
+                          const char* text, int32_t npc, uint32_t timeout_ms, int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (client == nullptr || speaker == nullptr || text == nullptr) {
+        npcd::set_last_error(client == nullptr ? "client is NULL" : speaker == nullptr ? "speaker is NULL" : "text is NULL");
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    npcd::v1::AddTurnsRequest request;
+    if (const npcd_status bad = make_ref(conversation, persona, request.mutable_ref()); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = check_text("speaker", speaker); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = check_text("text", text); bad != NPCD_OK) return bad;
+    npcd::v1::ConversationTurn* turn = request.add_turns();
+    turn->set_speaker(speaker);
+    turn->set_text(text);
+    turn->set_npc(npc != 0);
+    npcd::v1::Conversation response;
+    return npcd::rpc_outcome(client->session->call(&npcd::v1::Npcd::Stub::AddTurns, request,
+                                                   npcd::call_timeout(timeout_ms), &response),
+                             "AddTurns", rpc_code_out);
 }
 
 }  // extern "C"

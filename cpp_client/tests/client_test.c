@@ -944,8 +944,9 @@ static line *conversation_line(npcd_client *c, lines *ls, const char *persona, c
 }
 
 /* A save game's conversations through the C ABI: a line in a conversation is remembered (the next line's
- * prompt holds its turns); the blob exported then, imported after a reset, brings that memory back; a corrupt
- * blob is refused with INVALID_ARGUMENT and loses nothing; bad arguments are refused by name. */
+ * prompt holds its turns); the blob exported then, imported after a reset, brings that memory back, turn by turn
+ * as npcd_get_conversation reads it; a turn of the game's own joins it; a corrupt blob is refused with
+ * INVALID_ARGUMENT and loses nothing; bad arguments are refused by name. */
 static void test_conversations(void) {
     npcd_client *c = connect_to(env_or_skip("NPCD_TEST_ADDR"), 60);
     lines ls = {0};
@@ -977,13 +978,42 @@ static void test_conversations(void) {
     CHECK(restored->history_turns == 2, "after the import the line held %u earlier turns, want the save's 2",
           restored->history_turns);
 
+    /* what the NPC remembers now: the save's exchange and the line after it; then a turn of the game's own */
+    npcd_conversation *kept = NULL;
+    CHECK(npcd_get_conversation(c, conversation, persona, 10000, &kept, &code) == NPCD_OK && kept != NULL,
+          "npcd_get_conversation: %s", npcd_last_error());
+    CHECK(npcd_conversation_turn_count(kept) == 4, "%d turns kept, want 4", npcd_conversation_turn_count(kept));
+    CHECK(strcmp(npcd_conversation_turn(kept, 0)->speaker, "Player") == 0 && !npcd_conversation_turn(kept, 0)->npc &&
+              strcmp(npcd_conversation_turn(kept, 0)->text, "Good morning.") == 0 && npcd_conversation_turn(kept, 1)->npc &&
+              strcmp(npcd_conversation_turn(kept, 2)->text, "Where were we?") == 0,
+          "the kept turns: '%s' (npc %d), then npc %d, then '%s'", npcd_conversation_turn(kept, 0)->text,
+          npcd_conversation_turn(kept, 0)->npc, npcd_conversation_turn(kept, 1)->npc, npcd_conversation_turn(kept, 2)->text);
+    CHECK(npcd_conversation_turn(kept, -1) == NULL && npcd_conversation_turn(kept, 4) == NULL, "a turn out of range");
+    CHECK(npcd_conversation_summary(kept)[0] == 0, "a summary '%s'", npcd_conversation_summary(kept));
+    npcd_conversation_free(kept);
+    CHECK(npcd_add_turn(c, conversation, persona, "Narrator", "The bell rang twice.", 0, 10000, &code) == NPCD_OK,
+          "npcd_add_turn: %s", npcd_last_error());
+    CHECK(npcd_get_conversation(c, conversation, persona, 10000, &kept, &code) == NPCD_OK &&
+              npcd_conversation_turn_count(kept) == 5 &&
+              strcmp(npcd_conversation_turn(kept, 4)->text, "The bell rang twice.") == 0 &&
+              strcmp(npcd_conversation_turn(kept, 4)->speaker, "Narrator") == 0,
+          "the added turn: %d turns (%s)", npcd_conversation_turn_count(kept), npcd_last_error());
+    npcd_conversation_free(kept);
+    CHECK(npcd_add_turn(c, conversation, "no-such-persona", "Narrator", "x", 0, 10000, &code) == NPCD_ERR_RPC &&
+              code == 5, "a turn for an unknown persona: code %d (%s)", code, npcd_last_error());
+    CHECK(npcd_add_turn(c, conversation, persona, NULL, "x", 0, 0, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              strstr(npcd_last_error(), "speaker") != NULL, "a NULL speaker: '%s'", npcd_last_error());
+    CHECK(npcd_get_conversation(c, conversation, persona, 0, NULL, NULL) == NPCD_ERR_INVALID_ARGUMENT,
+          "a NULL conversation_out accepted");
+    npcd_conversation_free(NULL);
+
     static const uint8_t corrupt[] = "not an npcd blob";
     CHECK(npcd_import_conversations(c, corrupt, sizeof corrupt - 1, 1, 10000, &imported, &code) == NPCD_ERR_RPC &&
               code == 3 && imported == 0,
           "a corrupt blob: code %d, %u imported (%s)", code, imported, npcd_last_error());
     CHECK(strstr(npcd_last_error(), "ImportConversations") != NULL, "last error '%s'", npcd_last_error());
     const line *after = conversation_line(c, &ls, persona, conversation, "Still there?");
-    CHECK(after->history_turns >= 4, "the refused blob lost the conversation: %u earlier turns", after->history_turns);
+    CHECK(after->history_turns >= 5, "the refused blob lost the conversation: %u earlier turns", after->history_turns);
 
     npcd_blob *none = (npcd_blob *)1;
     CHECK(npcd_export_conversations(NULL, NULL, 0, &none, NULL) == NPCD_ERR_INVALID_ARGUMENT, "a NULL client accepted");

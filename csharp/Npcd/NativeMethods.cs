@@ -70,6 +70,15 @@ namespace Npcd
             public int HasAdapter;
         }
 
+        // npcd_turn field for field (the strings belong to the conversation until npcd_conversation_free).
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct NativeTurn
+        {
+            public IntPtr Speaker;
+            public IntPtr Text;
+            public int Npc;
+        }
+
         // npcd_event_kind
         internal const int EventStarted = 1;
         internal const int EventTextDelta = 2;
@@ -133,6 +142,12 @@ namespace Npcd
         [DllImport(Lib)] internal static extern void npcd_blob_free(IntPtr blob);
         [DllImport(Lib)] internal static extern int npcd_import_conversations(IntPtr client, byte[] data, ulong size, int replace, uint timeoutMs, out uint imported, out int rpcCode);
         [DllImport(Lib)] internal static extern int npcd_reset_conversation(IntPtr client, byte[] conversation, byte[] persona, uint timeoutMs, out int rpcCode);
+        [DllImport(Lib)] internal static extern int npcd_get_conversation(IntPtr client, byte[] conversation, byte[] persona, uint timeoutMs, out IntPtr result, out int rpcCode);
+        [DllImport(Lib)] internal static extern int npcd_conversation_turn_count(IntPtr conversation);
+        [DllImport(Lib)] internal static extern IntPtr npcd_conversation_turn(IntPtr conversation, int index);
+        [DllImport(Lib)] internal static extern IntPtr npcd_conversation_summary(IntPtr conversation);
+        [DllImport(Lib)] internal static extern void npcd_conversation_free(IntPtr conversation);
+        [DllImport(Lib)] internal static extern int npcd_add_turn(IntPtr client, byte[] conversation, byte[] persona, byte[] speaker, byte[] text, int npc, uint timeoutMs, out int rpcCode);
 
         /// <summary>NUL-terminated UTF-8 of s. Refuses (ArgumentException whose ParamName is
         /// `field`) what the C side would cut short or what UTF-8 cannot carry: an embedded

@@ -193,6 +193,44 @@ namespace Npcd
                    code, "npcd_reset_conversation");
         }
 
+        /// <summary>What one NPC remembers, for a journal or a quest log: every turn, oldest first, and the
+        /// summary of dropped turns for a persona that summarises. An unknown conversation is an empty one.</summary>
+        public ConversationTurns GetConversation(string conversation, string persona, uint timeoutMs = 0)
+        {
+            IntPtr native;
+            int code;
+            Called(NativeMethods.npcd_get_conversation(Live(), NativeMethods.Utf8(conversation, "conversation"),
+                                                       NativeMethods.Utf8(persona, "persona"), timeoutMs, out native, out code),
+                   code, "npcd_get_conversation");
+            try
+            {
+                var turns = new ConversationTurn[NativeMethods.npcd_conversation_turn_count(native)];
+                for (int i = 0; i < turns.Length; i++)
+                {
+                    var t = (NativeMethods.NativeTurn)Marshal.PtrToStructure(NativeMethods.npcd_conversation_turn(native, i),
+                                                                             typeof(NativeMethods.NativeTurn));
+                    turns[i] = new ConversationTurn(NativeMethods.FromUtf8(t.Speaker), NativeMethods.FromUtf8(t.Text), t.Npc != 0);
+                }
+                return new ConversationTurns(turns, NativeMethods.FromUtf8(NativeMethods.npcd_conversation_summary(native)));
+            }
+            finally
+            {
+                NativeMethods.npcd_conversation_free(native);
+            }
+        }
+
+        /// <summary>Adds a turn the NPC should remember without a line of its own: what the player told another
+        /// NPC nearby, an event of the game, or (npc: true) words the game puts in the NPC's mouth.</summary>
+        public void AddTurn(string conversation, string persona, string speaker, string text, bool npc = false,
+                            uint timeoutMs = 0)
+        {
+            int code;
+            Called(NativeMethods.npcd_add_turn(Live(), NativeMethods.Utf8(conversation, "conversation"),
+                                               NativeMethods.Utf8(persona, "persona"), NativeMethods.Utf8(speaker, "speaker"),
+                                               NativeMethods.Utf8(text, "text"), npc ? 1 : 0, timeoutMs, out code),
+                   code, "npcd_add_turn");
+        }
+
         // A blocking call's status: NpcdUnavailableException for the daemon's (gRPC) failure, RequestTooLargeException
         // for a blob over the limit (ParamName "blob"), else the binding's own bug.
         private static void Called(int status, int rpcCode, string call)

@@ -417,6 +417,23 @@ internal static class Test
             Check(client.ImportConversations(saved, true, 10000) >= 1, "the import restored nothing");
             int restored = ConversationLine(client, conversation, "Where were we?");
             Check(restored == 2, "after the import the line held " + restored + " earlier turns, want the save's 2");
+            var kept = client.GetConversation(conversation, personas[0], 10000);
+            Check(kept.Turns.Length == 4 && kept.Turns[0].Text == "Good morning." && !kept.Turns[0].Npc && kept.Turns[1].Npc &&
+                  kept.Turns[2].Text == "Where were we?" && kept.Summary == "",
+                  "the kept turns: " + string.Join(" | ", Array.ConvertAll(kept.Turns, t => t.ToString())));
+            client.AddTurn(conversation, personas[0], "Narrator", "The bell rang twice.");
+            var added = client.GetConversation(conversation, personas[0], 10000).Turns;
+            Check(added.Length == 5 && added[4].Speaker == "Narrator" && added[4].Text == "The bell rang twice.",
+                  "the added turn: " + added.Length + " turns");
+            try
+            {
+                client.AddTurn(conversation, "no-such-persona", "Narrator", "x");
+                throw new TestFailure("a turn for an unknown persona was added");
+            }
+            catch (NpcdUnavailableException e)
+            {
+                Check(e.Code == 5, "an unknown persona gave code " + e.Code + ": " + e.Message);
+            }
             try
             {
                 client.ImportConversations(System.Text.Encoding.UTF8.GetBytes("not an npcd blob"), true, 10000);
@@ -426,7 +443,7 @@ internal static class Test
             {
                 Check(e.Code == 3, "a corrupt blob gave code " + e.Code + ": " + e.Message);
             }
-            Check(ConversationLine(client, conversation, "Still there?") >= 4, "the refused blob lost the conversation");
+            Check(ConversationLine(client, conversation, "Still there?") >= 5, "the refused blob lost the conversation");
             var big = Refused(() => client.ImportConversations(new byte[RequestTooLargeException.MaxRequestBytes + 1]), "an oversized blob");
             Check(big is RequestTooLargeException && big.ParamName == "blob", "want RequestTooLargeException(blob), got " + big);
             Check(Refused(() => client.ResetConversation(null, personas[0]), "a null conversation").ParamName == "conversation",

@@ -76,6 +76,30 @@ namespace NpcdGodot
             return Blocking("ImportConversations", () => Client.ImportConversations(blob, replace, (uint)Math.Max(timeoutMs, 0)), -1);
         }
 
+        /// <summary>What one NPC remembers, for a journal or a quest log: an Array of Dictionaries {"speaker",
+        /// "text", "npc" (true for the NPC's own replies)}, oldest first; empty, with the error pushed, when the
+        /// daemon does not answer. GDScript: <c>Npcd.GetConversation("guard-1", "town_guard", 5000)</c>.</summary>
+        public Godot.Collections.Array<Godot.Collections.Dictionary> GetConversation(string conversation, string persona, int timeoutMs)
+        {
+            var list = new Godot.Collections.Array<Godot.Collections.Dictionary>();
+            var kept = Blocking("GetConversation", () => Client.GetConversation(conversation, persona, (uint)Math.Max(timeoutMs, 0)),
+                                new ConversationTurns(new ConversationTurn[0], ""));
+            foreach (ConversationTurn t in kept.Turns)
+                list.Add(new Godot.Collections.Dictionary { ["speaker"] = t.Speaker, ["text"] = t.Text, ["npc"] = t.Npc });
+            return list;
+        }
+
+        /// <summary>Adds a turn the NPC should remember without a line of its own (npc: words put in its mouth);
+        /// false with the error pushed when refused.</summary>
+        public bool AddTurn(string conversation, string persona, string speaker, string text, bool npc, int timeoutMs)
+        {
+            return Blocking("AddTurn", () =>
+            {
+                Client.AddTurn(conversation, persona, speaker, text, npc, (uint)Math.Max(timeoutMs, 0));
+                return true;
+            }, false);
+        }
+
         /// <summary>Makes one NPC forget its conversation; false with the error pushed when refused.</summary>
         public bool ResetConversation(string conversation, string persona, int timeoutMs)
         {

@@ -113,7 +113,7 @@ def load_cpu_kernels() -> LoadedKernel | None:
     for flags in reversed(runnable_isa_levels()):
         built = build_cpu_kernels(flags)
         if built is None:
-            skipped.append(_build_errors[flags])
+            skipped.append(build_error(flags) or f"the {' '.join(flags)} build failed")
         elif refusal := built.module.refusal():
             skipped.append(f"the {built.module.path()} build cannot run here: {refusal}")
         else:

@@ -136,6 +136,40 @@ bool UNpcdSubsystem::ImportConversations(const TArray<uint8>& Blob, bool bReplac
     return bOk;
 }
 
+bool UNpcdSubsystem::GetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs,
+                                     TArray<FNpcdTurn>& Turns, int32& ErrorCode)
+{
+    Turns.Reset();
+    npcd_conversation* Native = nullptr;
+    int32_t Code = 0;
+    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                  : npcd_get_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
+                                                          static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Native, &Code),
+                Code, TEXT("GetConversation"), ErrorCode))
+        return false;
+    for (int32 Index = 0; Index < npcd_conversation_turn_count(Native); ++Index)
+    {
+        const npcd_turn* Turn = npcd_conversation_turn(Native, Index);
+        FNpcdTurn& Kept = Turns.AddDefaulted_GetRef();
+        Kept.Speaker = UTF8_TO_TCHAR(Turn->speaker);
+        Kept.Text = UTF8_TO_TCHAR(Turn->text);
+        Kept.bNpc = Turn->npc != 0;
+    }
+    npcd_conversation_free(Native);
+    return true;
+}
+
+bool UNpcdSubsystem::AddTurn(const FString& Conversation, const FString& Persona, const FNpcdTurn& Turn, int32 TimeoutMs,
+                             int32& ErrorCode)
+{
+    int32_t Code = 0;
+    return Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
+                                    : npcd_add_turn(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
+                                                    TCHAR_TO_UTF8(*Turn.Speaker), TCHAR_TO_UTF8(*Turn.Text), Turn.bNpc ? 1 : 0,
+                                                    static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Code),
+                  Code, TEXT("AddTurn"), ErrorCode);
+}
+
 bool UNpcdSubsystem::ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode)
 {
     int32_t Code = 0;

@@ -38,18 +38,6 @@ struct NPCDCLIENT_API FNpcdActionSpec
     FString ArgsSchemaJson;
 };
 
-/** An earlier turn of the dialogue, oldest first: who said it (a player, another NPC) and what. */
-USTRUCT(BlueprintType)
-struct NPCDCLIENT_API FNpcdTurn
-{
-    GENERATED_BODY()
-
-    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
-    FString Speaker;
-    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
-    FString Text;
-};
-
 /**
  * What else a line may carry; every field left at its default leaves the persona's setting.
  * History: earlier turns, for lines without a Conversation. Context: facts for the prompt

@@ -14,6 +14,21 @@ DECLARE_DYNAMIC_MULTICAST_DELEGATE_TwoParams(FNpcdEmotionChanged, const FString&
  *  texts, in order, add up to the line's text exactly. */
 DECLARE_DYNAMIC_MULTICAST_DELEGATE_ThreeParams(FNpcdSentenceReady, const FString&, RequestId, int32, Index, const FString&, Text);
 
+/** A turn of a dialogue, oldest first: who said it (a player, another NPC) and what; bNpc: said by the
+ *  conversation's own NPC (its replies). A line's History reads Speaker and Text only. */
+USTRUCT(BlueprintType)
+struct NPCDCLIENT_API FNpcdTurn
+{
+    GENERATED_BODY()
+
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Speaker;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    FString Text;
+    UPROPERTY(EditAnywhere, BlueprintReadWrite, Category = "npcd")
+    bool bNpc = false;
+};
+
 /** A persona the daemon serves (UNpcdSubsystem::ListPersonas), for a persona dropdown or its voice. */
 USTRUCT(BlueprintType)
 struct NPCDCLIENT_API FNpcdPersonaInfo
@@ -88,6 +103,13 @@ public:
      *  conversations it held. A corrupt blob: false, ErrorCode 3, and nothing stored is lost. */
     UFUNCTION(BlueprintCallable, Category = "npcd")
     bool ImportConversations(const TArray<uint8>& Blob, bool bReplace, int32 TimeoutMs, int32& Imported, int32& ErrorCode);
+    /** What one NPC remembers, for a journal or a quest log: every turn, oldest first. */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool GetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, TArray<FNpcdTurn>& Turns,
+                         int32& ErrorCode);
+    /** Adds a turn the NPC should remember without a line of its own (bNpc: words put in its mouth). */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool AddTurn(const FString& Conversation, const FString& Persona, const FNpcdTurn& Turn, int32 TimeoutMs, int32& ErrorCode);
     /** Makes one NPC forget its conversation. */
     UFUNCTION(BlueprintCallable, Category = "npcd")
     bool ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode);
