@@ -19,22 +19,19 @@ struct npcd_conversation {
 
 namespace {
 
-// NULL client, or a string that is not valid UTF-8 (the wire refuses it), named; NPCD_OK otherwise.
-npcd_status check_text(const char* field, const char* text) {
-    if (text == nullptr) return NPCD_OK;
-    const npcd_status status = npcd_check_utf8(text, std::char_traits<char>::length(text));
-    if (status != NPCD_OK) npcd::set_last_error(std::string(field) + ": " + npcd_last_error());
+// A string argument as npcd::check_string judges it (NULL refused, malformed UTF-8 refused), with the field
+// named in npcd_last_error() when it is refused.
+npcd_status checked(const char* field, const char* s) {
+    const npcd_status status = npcd::check_string(s, false);
+    if (status != NPCD_OK)
+        npcd::set_last_error(std::string(field) + (status == NPCD_ERR_INVALID_UTF8 ? " is not valid UTF-8" : " is NULL"));
     return status;
 }
 
-// The reference both calls name a conversation by: NPCD_OK, or the first NULL or malformed field, named.
+// The reference a conversation is named by: NPCD_OK, or the first refused field, named.
 npcd_status make_ref(const char* conversation, const char* persona, npcd::v1::ConversationRef* ref) {
-    if (conversation == nullptr || persona == nullptr) {
-        npcd::set_last_error(conversation == nullptr ? "conversation is NULL" : "persona is NULL");
-        return NPCD_ERR_INVALID_ARGUMENT;
-    }
-    if (const npcd_status bad = check_text("conversation", conversation); bad != NPCD_OK) return bad;
-    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = checked("conversation", conversation); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = checked("persona", persona); bad != NPCD_OK) return bad;
     ref->set_conversation(conversation);
     ref->set_persona(persona);
     return NPCD_OK;
@@ -52,7 +49,8 @@ npcd_status npcd_export_conversations(npcd_client* client, const char* persona, 
         return NPCD_ERR_INVALID_ARGUMENT;
     }
     *blob_out = nullptr;
-    if (const npcd_status bad = check_text("persona", persona); bad != NPCD_OK) return bad;
+    if (persona != nullptr)  // NULL: every persona's
+        if (const npcd_status bad = checked("persona", persona); bad != NPCD_OK) return bad;
     npcd::v1::ExportConversationsRequest request;
     if (persona != nullptr) request.set_persona(persona);
     npcd::v1::ConversationsBlob response;
@@ -158,14 +156,14 @@ void npcd_conversation_free(npcd_conversation* conversation) { delete conversati
 npcd_status npcd_add_turn(npcd_client* client, const char* conversation, const char* persona, const char* speaker,
                           const char* text, int32_t npc, uint32_t timeout_ms, int32_t* rpc_code_out) {
     if (rpc_code_out != nullptr) *rpc_code_out = 0;
-    if (client == nullptr || speaker == nullptr || text == nullptr) {
-        npcd::set_last_error(client == nullptr ? "client is NULL" : speaker == nullptr ? "speaker is NULL" : "text is NULL");
+    if (client == nullptr) {
+        npcd::set_last_error("client is NULL");
         return NPCD_ERR_INVALID_ARGUMENT;
     }
     npcd::v1::AddTurnsRequest request;
     if (const npcd_status bad = make_ref(conversation, persona, request.mutable_ref()); bad != NPCD_OK) return bad;
-    if (const npcd_status bad = check_text("speaker", speaker); bad != NPCD_OK) return bad;
-    if (const npcd_status bad = check_text("text", text); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = checked("speaker", speaker); bad != NPCD_OK) return bad;
+    if (const npcd_status bad = checked("text", text); bad != NPCD_OK) return bad;
     npcd::v1::ConversationTurn* turn = request.add_turns();
     turn->set_speaker(speaker);
     turn->set_text(text);

@@ -2,16 +2,20 @@ using System.Collections.Generic;
 
 namespace Npcd
 {
-    /// <summary>One earlier turn of the conversation.</summary>
+    /// <summary>One turn of a conversation: who said it and what. Npc: said by the conversation's own NPC (its
+    /// replies), as NpcdClient.GetConversation reads it and AddTurn writes it; a line's History reads Speaker
+    /// and Text only.</summary>
     public struct Turn
     {
         public string Speaker;
         public string Text;
+        public bool Npc;
 
-        public Turn(string speaker, string text)
+        public Turn(string speaker, string text, bool npc = false)
         {
             Speaker = speaker;
             Text = text;
+            Npc = npc;
         }
     }
 

@@ -204,12 +204,12 @@ namespace Npcd
                    code, "npcd_get_conversation");
             try
             {
-                var turns = new ConversationTurn[NativeMethods.npcd_conversation_turn_count(native)];
+                var turns = new Turn[NativeMethods.npcd_conversation_turn_count(native)];
                 for (int i = 0; i < turns.Length; i++)
                 {
                     var t = (NativeMethods.NativeTurn)Marshal.PtrToStructure(NativeMethods.npcd_conversation_turn(native, i),
                                                                              typeof(NativeMethods.NativeTurn));
-                    turns[i] = new ConversationTurn(NativeMethods.FromUtf8(t.Speaker), NativeMethods.FromUtf8(t.Text), t.Npc != 0);
+                    turns[i] = new Turn(NativeMethods.FromUtf8(t.Speaker), NativeMethods.FromUtf8(t.Text), t.Npc != 0);
                 }
                 return new ConversationTurns(turns, NativeMethods.FromUtf8(NativeMethods.npcd_conversation_summary(native)));
             }

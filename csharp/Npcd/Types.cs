@@ -166,35 +166,14 @@ namespace Npcd
         }
     }
 
-    /// <summary>One turn of a conversation (NpcdClient.GetConversation): who said it, what, and whether it was
-    /// the conversation's NPC (its replies).</summary>
-    public sealed class ConversationTurn
-    {
-        public readonly string Speaker;
-        public readonly string Text;
-        public readonly bool Npc;
-
-        public ConversationTurn(string speaker, string text, bool npc)
-        {
-            Speaker = speaker;
-            Text = text;
-            Npc = npc;
-        }
-
-        public override string ToString()
-        {
-            return (Npc ? "[npc] " : "") + Speaker + ": " + Text;
-        }
-    }
-
     /// <summary>What one NPC remembers: Turns, oldest first (prompts hold the newest that fit), and Summary, what
     /// the dropped turns said for a persona that summarises ("" otherwise).</summary>
     public sealed class ConversationTurns
     {
-        public readonly ConversationTurn[] Turns;
+        public readonly Turn[] Turns;
         public readonly string Summary;
 
-        public ConversationTurns(ConversationTurn[] turns, string summary)
+        public ConversationTurns(Turn[] turns, string summary)
         {
             Turns = turns;
             Summary = summary;

@@ -420,7 +420,7 @@ internal static class Test
             var kept = client.GetConversation(conversation, personas[0], 10000);
             Check(kept.Turns.Length == 4 && kept.Turns[0].Text == "Good morning." && !kept.Turns[0].Npc && kept.Turns[1].Npc &&
                   kept.Turns[2].Text == "Where were we?" && kept.Summary == "",
-                  "the kept turns: " + string.Join(" | ", Array.ConvertAll(kept.Turns, t => t.ToString())));
+                  "the kept turns: " + string.Join(" | ", Array.ConvertAll(kept.Turns, t => (t.Npc ? "[npc] " : "") + t.Speaker + ": " + t.Text)));
             client.AddTurn(conversation, personas[0], "Narrator", "The bell rang twice.");
             var added = client.GetConversation(conversation, personas[0], 10000).Turns;
             Check(added.Length == 5 && added[4].Speaker == "Narrator" && added[4].Text == "The bell rang twice.",

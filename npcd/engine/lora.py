@@ -142,9 +142,10 @@ class LoraStacks:
         self.generation += 1
 
     def clear(self, slot: int) -> None:
-        for stack in self.stacks.values():
-            for t in (stack.A, *stack.B, *stack.B_scale) + ((stack.A_scale,) if self.quantized else ()):
-                t[slot].zero_()
+        for stack in self.stacks.values():  # zero weights are a zero delta whatever the scales hold
+            stack.A[slot].zero_()
+            for b in stack.B:
+                b[slot].zero_()
         self.generation += 1
 
 

@@ -83,8 +83,8 @@ namespace NpcdGodot
         {
             var list = new Godot.Collections.Array<Godot.Collections.Dictionary>();
             var kept = Blocking("GetConversation", () => Client.GetConversation(conversation, persona, (uint)Math.Max(timeoutMs, 0)),
-                                new ConversationTurns(new ConversationTurn[0], ""));
-            foreach (ConversationTurn t in kept.Turns)
+                                new ConversationTurns(new Turn[0], ""));
+            foreach (Turn t in kept.Turns)
                 list.Add(new Godot.Collections.Dictionary { ["speaker"] = t.Speaker, ["text"] = t.Text, ["npc"] = t.Npc });
             return list;
         }

@@ -12,6 +12,12 @@ bool ReadPem(const FString& Path, FString& Out)
     Out.Reset();
     return Path.IsEmpty() || FFileHelper::LoadFileToString(Out, *Path);
 }
+
+// A Blueprint timeout as the C ABI's blocking calls take it (0: their default, 5000 ms).
+uint32_t Wait(int32 TimeoutMs)
+{
+    return static_cast<uint32_t>(FMath::Max(TimeoutMs, 0));
+}
 }
 
 void UNpcdSubsystem::Initialize(FSubsystemCollectionBase& Collection)
@@ -73,12 +79,9 @@ void UNpcdSubsystem::Cancel(const FString& RequestId)
 bool UNpcdSubsystem::ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Personas, int32& ErrorCode)
 {
     Personas.Reset();
-    ErrorCode = 0;
     npcd_persona_list* List = nullptr;
     int32_t Code = 0;
-    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                  : npcd_list_personas(Client, static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &List, &Code),
-                Code, TEXT("ListPersonas"), ErrorCode))
+    if (!Called(npcd_list_personas(Client, Wait(TimeoutMs), &List, &Code), Code, TEXT("ListPersonas"), ErrorCode))
         return false;
     for (int32 Index = 0; Index < npcd_persona_list_count(List); ++Index)
     {
@@ -98,6 +101,7 @@ bool UNpcdSubsystem::ListPersonas(int32 TimeoutMs, TArray<FNpcdPersonaInfo>& Per
 
 bool UNpcdSubsystem::Called(npcd_status Status, int32 RpcCode, const TCHAR* Call, int32& ErrorCode) const
 {
+    // Without a client the C ABI refused the call (a NULL client); the game sees it as the daemon unreachable.
     ErrorCode = 0;
     if (Client != nullptr && Status == NPCD_OK) return true;
     ErrorCode = Client == nullptr ? 14 : RpcCode != 0 ? RpcCode : 3;
@@ -111,10 +115,8 @@ bool UNpcdSubsystem::ExportConversations(const FString& Persona, int32 TimeoutMs
     Blob.Reset();
     npcd_blob* Native = nullptr;
     int32_t Code = 0;
-    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                  : npcd_export_conversations(Client, TCHAR_TO_UTF8(*Persona),
-                                                              static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Native, &Code),
-                Code, TEXT("ExportConversations"), ErrorCode))
+    if (!Called(npcd_export_conversations(Client, TCHAR_TO_UTF8(*Persona), Wait(TimeoutMs), &Native, &Code), Code,
+                TEXT("ExportConversations"), ErrorCode))
         return false;
     Blob.Append(npcd_blob_data(Native), static_cast<int32>(npcd_blob_size(Native)));
     npcd_blob_free(Native);
@@ -126,11 +128,8 @@ bool UNpcdSubsystem::ImportConversations(const TArray<uint8>& Blob, bool bReplac
 {
     uint32_t Count = 0;
     int32_t Code = 0;
-    const bool bOk = Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                              : npcd_import_conversations(Client, Blob.GetData(), static_cast<uint64_t>(Blob.Num()),
-                                                                          bReplace ? 1 : 0,
-                                                                          static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)),
-                                                                          &Count, &Code),
+    const bool bOk = Called(npcd_import_conversations(Client, Blob.GetData(), static_cast<uint64_t>(Blob.Num()),
+                                                      bReplace ? 1 : 0, Wait(TimeoutMs), &Count, &Code),
                             Code, TEXT("ImportConversations"), ErrorCode);
     Imported = static_cast<int32>(Count);
     return bOk;
@@ -142,9 +141,8 @@ bool UNpcdSubsystem::GetConversation(const FString& Conversation, const FString&
     Turns.Reset();
     npcd_conversation* Native = nullptr;
     int32_t Code = 0;
-    if (!Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                  : npcd_get_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
-                                                          static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Native, &Code),
+    if (!Called(npcd_get_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona), Wait(TimeoutMs),
+                                      &Native, &Code),
                 Code, TEXT("GetConversation"), ErrorCode))
         return false;
     for (int32 Index = 0; Index < npcd_conversation_turn_count(Native); ++Index)
@@ -163,19 +161,16 @@ bool UNpcdSubsystem::AddTurn(const FString& Conversation, const FString& Persona
                              int32& ErrorCode)
 {
     int32_t Code = 0;
-    return Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                    : npcd_add_turn(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
-                                                    TCHAR_TO_UTF8(*Turn.Speaker), TCHAR_TO_UTF8(*Turn.Text), Turn.bNpc ? 1 : 0,
-                                                    static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Code),
+    return Called(npcd_add_turn(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona), TCHAR_TO_UTF8(*Turn.Speaker),
+                                TCHAR_TO_UTF8(*Turn.Text), Turn.bNpc ? 1 : 0, Wait(TimeoutMs), &Code),
                   Code, TEXT("AddTurn"), ErrorCode);
 }
 
 bool UNpcdSubsystem::ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode)
 {
     int32_t Code = 0;
-    return Called(Client == nullptr ? NPCD_ERR_INVALID_ARGUMENT
-                                    : npcd_reset_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona),
-                                                              static_cast<uint32_t>(FMath::Max(TimeoutMs, 0)), &Code),
+    return Called(npcd_reset_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona), Wait(TimeoutMs),
+                                          &Code),
                   Code, TEXT("ResetConversation"), ErrorCode);
 }
 
