@@ -138,7 +138,7 @@ class DenseLinear:
 
 class BlockLinear:
     """x [n, K] fp32 -> [n, N] fp32 through the block kernel. The weight's bytes are kept only in the layout
-    the kernel's build reads (`pack`: GGML's own on AVX2, 16-block groups on AVX-512 VNNI, 16-channel strips on
+    the kernel's build reads (`pack`: 8-block groups on AVX2, 16-block groups on AVX-512 VNNI, 16-channel strips on
     AMX)."""
 
     def __init__(self, weight: BlockWeight, kernel: LoadedKernel):

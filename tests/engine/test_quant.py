@@ -30,10 +30,39 @@ def chat_prompts(engine: Engine, lines: list[str]) -> list[list[int]]:
                                         tokenize=False))["input_ids"] for line in lines]
 
 
+# The quality gate's prompt set: 8 requests of 30-40 words, 341 distinct next-token positions. Each distinct
+# context counts once: the 4 short LINES share a ~30-token system prompt, so over them one flipped near-tie
+# in the shared part moved top-1 agreement by 2.6% (two kernels of equal KL, 0.0065 and 0.0066, scored 97.4%
+# and 93.5% there, and 95.9% and 95.6% over this set).
+GATE_TEXTS = [
+    "The innkeeper wiped the counter and said the roads north had been quiet since the snows came, though a "
+    "trapper swore he saw lights moving on the old barrow at night.",
+    "Merchant, I need rope, two lanterns and enough dried meat for a week in the hills. What will that cost me, "
+    "and do you know anyone who sells a good mule?",
+    "Write a short letter from a soldier to his sister, telling her that the siege is over, that he is tired but "
+    "well, and that he will be home before the harvest.",
+    "Explain to a young apprentice why a blacksmith quenches a blade in oil rather than water, and what goes "
+    "wrong when the steel cools too fast.",
+    "Halt! Nobody enters the city after the bells. State your name, your business and the name of the person "
+    "who will vouch for you, or turn back to the road.",
+    "List three ways a village could protect its sheep from wolves during a hard winter, and say which one you "
+    "would try first and why.",
+    "The old map shows a river where there is now only a dry gully. Tell me what might have happened to the "
+    "river over the last hundred years.",
+    "You are the captain of a small fishing boat. A storm is coming and one of your crew wants to stay out for "
+    "one more catch. What do you tell him?",
+]
+
+
+def _gate_engine(real_model_dir, mode: str) -> Engine:
+    return Engine(EngineConfig(base=str(real_model_dir), weights=mode, max_batch_size=len(GATE_TEXTS),
+                               max_seq_len=256))
+
+
 @pytest.fixture(scope="module")
 def fp32_scores(real_model_dir):
-    engine = Engine(EngineConfig(base=str(real_model_dir), weights="fp32", max_batch_size=4, max_seq_len=128))
-    prompts = chat_prompts(engine, LINES)
+    engine = _gate_engine(real_model_dir, "fp32")
+    prompts = chat_prompts(engine, GATE_TEXTS)
     return prompts, [t.clone() for t in engine.score(prompts, [None] * len(prompts))]
 
 
@@ -41,34 +70,38 @@ def fp32_scores(real_model_dir):
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_quantized_modes_stay_close_to_fp32_on_the_real_model(real_model_dir, fp32_scores, mode):
     prompts, exact = fp32_scores
-    engine = Engine(EngineConfig(base=str(real_model_dir), weights=mode, max_batch_size=4, max_seq_len=128))
-    kl, agree, tokens = 0.0, 0, 0
-    for a, b in zip(exact, engine.score(prompts, [None] * len(prompts))):
-        log_a, log_b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-        kl += (log_a.exp() * (log_a - log_b)).sum().item()
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        tokens += a.shape[0]
+    approx = _gate_engine(real_model_dir, mode).score(prompts, [None] * len(prompts))
+    for a, b in zip(exact, approx):
         assert not torch.equal(a, b)  # it really is a different path
-    assert kl / tokens <= 0.02, kl / tokens      # the quality gate of every quantized mode
-    assert agree / tokens >= 0.95, agree / tokens
+    kl, agree = _kl_and_agreement(prompts, [None] * len(prompts), exact, approx)
+    print(f"{mode} against fp32: KL {kl:.4f} top-1 {agree:.3f}")
+    assert kl <= 0.02, kl      # the quality gate of every quantized mode
+    assert agree >= 0.95, agree
 
 
-def _persona_scores(real_model_dir, mode: str) -> list[torch.Tensor]:
+def _persona_scores(real_model_dir, mode: str) -> tuple[list[list[int]], list[torch.Tensor]]:
     engine = Engine(EngineConfig(base=str(real_model_dir), weights=mode, max_batch_size=4, max_seq_len=128))
     for name in ADAPTERS:
         engine.load_adapter(name, str(PERSONA_ADAPTERS / name))
     prompts = chat_prompts(engine, LINES[:len(ADAPTERS)])
-    return [t.clone() for t in engine.score(prompts, list(ADAPTERS))]
+    return prompts, [t.clone() for t in engine.score(prompts, list(ADAPTERS))]
 
 
-def _kl_and_agreement(exact: list[torch.Tensor], approx: list[torch.Tensor]) -> tuple[float, float]:
-    kl, agree, tokens = 0.0, 0, 0
-    for a, b in zip(exact, approx):
-        log_a, log_b = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+def _kl_and_agreement(prompts: list[list[int]], adapters: list[str | None], exact: list[torch.Tensor],
+                      approx: list[torch.Tensor]) -> tuple[float, float]:
+    """Mean KL(exact || approx) per next-token position and the share of positions whose top-1 token agrees,
+    counting each distinct (adapter, token prefix) once."""
+    kl, agree, seen = 0.0, 0, set()
+    for prompt, adapter, a, b in zip(prompts, adapters, exact, approx):
+        fresh = []
+        for j in range(len(prompt)):
+            if (context := (adapter, tuple(prompt[:j + 1]))) not in seen:
+                seen.add(context)
+                fresh.append(j)
+        log_a, log_b = torch.log_softmax(a[fresh], -1), torch.log_softmax(b[fresh], -1)
         kl += (log_a.exp() * (log_a - log_b)).sum().item()
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        tokens += a.shape[0]
-    return kl / tokens, agree / tokens
+        agree += int((a[fresh].argmax(-1) == b[fresh].argmax(-1)).sum())
+    return kl / len(seen), agree / len(seen)
 
 
 @needs_kernel
@@ -76,11 +109,11 @@ def test_personas_pass_the_quality_gate_with_int8_adapter_stacks(real_model_dir,
     """The block modes keep adapters in int8 (npcd.engine.quant.lora_dtype): each shipped persona on the 4-bit
     base with its adapter in int8 passes the quality gate against fp32 weights and fp32 adapters, and adds
     little to what the 4-bit base costs with bf16 adapters."""
-    exact = _persona_scores(real_model_dir, "fp32")
+    prompts, exact = _persona_scores(real_model_dir, "fp32")
     gate = {}
     for dtype in (torch.bfloat16, torch.int8):
         monkeypatch.setattr("npcd.engine.engine.lora_dtype", lambda mode, dtype=dtype: dtype)
-        gate[dtype] = _kl_and_agreement(exact, _persona_scores(real_model_dir, "int4"))
+        gate[dtype] = _kl_and_agreement(prompts, list(ADAPTERS), exact, _persona_scores(real_model_dir, "int4")[1])
     print(f"int4 personas against fp32: bf16 stacks KL {gate[torch.bfloat16][0]:.4f} top-1 {gate[torch.bfloat16][1]:.3f}, "
           f"int8 stacks KL {gate[torch.int8][0]:.4f} top-1 {gate[torch.int8][1]:.3f}")
     kl, agree = gate[torch.int8]

@@ -22,22 +22,22 @@
 // Layout: q4_1 weights are [N, K/2] bytes, byte j of a block holding element j in its
 // low nibble and element j+16 in its high nibble; q8_0 weights are [N, K] int8.
 // Scales dw, mw are fp32 [N, K/32]. K must be a multiple of 32. `pack` turns them into
-// the layout this build's kernel reads (unchanged on AVX2), once, at load.
+// the layout this build's kernel reads, once, at load.
 //
-// Two builds, picked by the ISA flags the extension is compiled with:
-//  * AVX2 (+FMA): per block, maddubs + madd + convert + a scaled FMA on 8 lanes: ~5
-//    vector operations per 32 weights and activation row, so the kernel is compute-bound
-//    from batch 1 (10 ms for one step's projections on the AVX2 EPYC, where the weight
-//    reads alone take 2.6 ms).
-//  * AVX-512 VNNI (Zen 4, Sapphire Rapids): rows are stored in groups of 16 blocks with
-//    4-byte words transposed (word w of block l at [w][l]), so one vpdpbusd adds 4 bytes
-//    of 16 *different* blocks and each int32 lane ends a group holding one block's whole
-//    dot product; the float work (scale, convert, FMA) is then once per 16 blocks:
-//    ~0.8 vector operations per 32 weights and row. q8_0 weights are signed, so the
-//    activations are stored offset by 128 as unsigned bytes and 128 * sum(w) per block
-//    (from `pack`) is subtracted. Measured on the 2-core Zen 4, one step's 210
-//    projections: see bench/kernels.py and docs/performance.md.
-// Both are batch-invariant: a row's result is computed from that row alone in one
+// Three builds, picked by the ISA flags the extension is compiled with (blockq_amx.h holds the AMX one):
+//  * AVX2 (+FMA): rows are stored in groups of 8 blocks with 4-byte words transposed (word w of block l
+//    at [w][l]), so one maddubs multiplies 4 bytes of 8 *different* blocks and each lane ends a group
+//    holding one block's dot product; the widening, conversion and scaling are then once per 8 blocks
+//    (q4_1's partial sums stay 16-bit through a group: they cannot overflow). Per 32 weights and
+//    activation row that is ~2.5 vector operations for q4_1 (maddubs and a 16-bit add per 16 weights,
+//    the nibble unpacking shared by 2 rows) and ~4 for q8_0; the GGML layout's one block per vector
+//    needed ~5 plus two scalar ones (measured on the AVX2 EPYC: docs/performance.md).
+//  * AVX-512 VNNI (Zen 4, Sapphire Rapids): the same transposition over groups of 16 blocks, so one
+//    vpdpbusd adds 4 bytes of 16 blocks: ~0.8 vector operations per 32 weights and row. q8_0 weights
+//    are signed, so the activations are stored offset by 128 as unsigned bytes and 128 * sum(w) per
+//    block (from `pack`) is subtracted.
+//  * AMX (Sapphire Rapids): tile products over strips of 16 output channels.
+// All are batch-invariant: a row's result is computed from that row alone in one
 // fixed order, whatever M is. They round differently from each other (the order of
 // the float sums differs), which is why the build is fixed per machine.
 
@@ -52,16 +52,19 @@
 
 #include "simd.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#define NPCD_AVX2 1
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "npcd's block kernel needs AVX2 and FMA: every build passes -mavx2 -mfma"
 #endif
-#if defined(NPCD_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define NPCD_VNNI 1
 #endif
 #if defined(NPCD_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define NPCD_AMX 1      // blockq_amx.h: AMX tile products over 16-channel strips
-#elif defined(NPCD_VNNI)
-#define NPCD_GROUPS 1   // the VNNI kernel over 16-block groups below
+#define NPCD_AMX 1          // blockq_amx.h: AMX tile products over 16-channel strips
+#else
+#define NPCD_GROUPS 1       // the group layout: 16-block groups (VNNI kernel) or 8-block groups (AVX2 kernel)
+#endif
+#if defined(NPCD_GROUPS) && defined(NPCD_VNNI)
+#define NPCD_VNNI_GROUPS 1
 #endif
 
 constexpr int64_t kBlock = 32;  // inputs per scale, in every build
@@ -72,18 +75,26 @@ constexpr int64_t kBlock = 32;  // inputs per scale, in every build
 
 namespace {
 
-constexpr int64_t kGroup = 16;  // VNNI layout: blocks per group, one int32 lane each
+// The group layout's blocks per group, one int32 lane each: a 512-bit vector's 16 lanes (VNNI), a 256-bit
+// vector's 8 (AVX2).
+#ifdef NPCD_VNNI_GROUPS
+constexpr int64_t kGroup = 16;
+#else
+constexpr int64_t kGroup = 8;
+#endif
+// Output rows per tile: their weight vectors are loaded once per activation row block.
+constexpr int64_t kTile = 4;
 
-// VNNI layout: the position, in 4-byte words from the row's start, of word w of block b in a
+// The group layout: the position, in 4-byte words from the row's start, of word w of block b in a
 // row of nb blocks of wpb words each (8 for int8 bytes, 4 for q4_1's packed nibbles). A row's
-// last group may hold fewer than 16 blocks; it is stored compact ([w][l] with n < 16 lanes).
+// last group may hold fewer than kGroup blocks; it is stored compact ([w][l] with n < kGroup lanes).
 inline int64_t group_word(int64_t b, int64_t w, int64_t nb, int64_t wpb) {
   const int64_t g0 = b - b % kGroup, n = std::min(kGroup, nb - g0);
   return g0 * wpb + w * n + b % kGroup;
 }
 
 // Per-row, per-block int8 quantization of the activations, plus each block's sum, offset by 128
-// (unsigned bytes) when `offset`. The VNNI group build stores the bytes in its group layout.
+// (unsigned bytes) when `offset`. The group builds store the bytes in their group layout.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx, bool offset) {
   const int64_t nb = K / kBlock;
   at::parallel_for(0, M * nb, 64, [&](int64_t begin, int64_t end) {
@@ -95,7 +106,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
 #else
       int8_t* dst = xq + i * kBlock;
 #endif
-#ifdef NPCD_AVX2
       const __m256 sign = _mm256_set1_ps(-0.0f);
       __m256 v[4];
       __m256 amax = _mm256_setzero_ps();
@@ -132,151 +142,175 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx, 
       const int32_t* words = reinterpret_cast<const int32_t*>(staged);
       for (int64_t w = 0; w < kBlock / 4; ++w) row[group_word(i % nb, w, nb, kBlock / 4)] = words[w];
 #endif
-#else
-      float a = 0.0f;
-      for (int j = 0; j < kBlock; ++j) a = std::fmax(a, std::fabs(src[j]));
-      const float d = a / 127.0f;
-      const float id = a > 0.0f ? 127.0f / a : 0.0f;
-      int sum = 0;
-      for (int j = 0; j < kBlock; ++j) {
-        const int v = static_cast<int>(std::nearbyint(src[j] * id));
-        dst[j] = static_cast<int8_t>(offset ? v ^ 0x80 : v);
-        sum += v;
-      }
-      dx[i] = d;
-      sx[i] = d * static_cast<float>(sum);
-#endif
     }
   });
 }
 
-#ifdef NPCD_AVX2
+#if defined(NPCD_GROUPS) && !defined(NPCD_VNNI_GROUPS)
+// AVX2 group kernel. A group is 8 blocks, one per int32 lane; word c of each of them (4 bytes) lies in
+// one vector, so a maddubs over it leaves block l's two partial sums in 16-bit lanes 2l and 2l+1.
+// q4_1: the nibbles are unsigned (0..15) and the activations signed (|x| <= 127), so each 16-bit lane
+// of one maddubs holds at most 2 * 15 * 127 = 3,810 and the 8 of a group (4 packed words, low and high
+// nibbles) sum to at most 30,480 < 2^15: they are added as 16-bit lanes and widened once per group.
+// q8_0: both sides are signed, so the weights' signs move onto the activations (|w| * sign(x, w), at
+// most 2 * 127 * 127 per 16-bit lane) and each maddubs is widened at once.
+// The float work (widen, convert, scale, minimum term) is then once per 8 blocks instead of once per
+// block, and the nibbles of a weight vector are unpacked once for MR activation rows.
 
-// <u8[32], s8[32]> as 8 int32 lanes -> float
-inline __m256 dot_u8s8(__m256i u, __m256i s) {
-  const __m256i p16 = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
-#endif
-
-// Output rows [o_begin, o_end) for every activation row, in tiles of kTile output rows:
-// a tile's weights are unpacked once into `w8` (kTile*K bytes, L1-resident) and reused
-// for all M activation rows; each activation block is loaded once per tile, and the
-// kTile independent accumulators keep the FMA pipeline full.
-constexpr int64_t kTile = 4;
-
-template <bool kQ4>
-void unpack_row(const uint8_t* wq, int64_t o, int64_t K, uint8_t* dst) {
-  if constexpr (kQ4) {
-    const uint8_t* row = wq + o * (K / 2);
-    for (int64_t b = 0; b < K / kBlock; ++b) {
-#ifdef NPCD_AVX2
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-      const __m128i low = _mm_set1_epi8(0x0F);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + b * kBlock), _mm_and_si128(v, low));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + b * kBlock + 16), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-#else
-      for (int j = 0; j < 16; ++j) {
-        dst[b * kBlock + j] = row[b * 16 + j] & 0x0F;
-        dst[b * kBlock + j + 16] = row[b * 16 + j] >> 4;
-      }
-#endif
-    }
-  } else {
-    std::memcpy(dst, wq + o * K, K);  // q8_0 rows are used as they are (signed bytes)
-  }
+// x and the words of one packed q4_1 vector (low nibbles: activation word c, high: word c + 4).
+inline __m256i q4_dot16(__m256i v, __m256i xl, __m256i xh, __m256i dot) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi16(dot, _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
 }
 
-// y[m, o0 .. o0+R) for activation rows m .. m+MR, from R unpacked weight rows `w8` (stride K).
-// `scale` holds dw[o0+r, b] * dx[m+i, b] at [(i * R + r) * nb + b], so the inner loop only
-// broadcast-loads it (no scalar multiply and shuffle per block).
+inline __m256i q8_dot32(__m256i w, __m256i x, __m256i dot) {
+  const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(dot, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+// The mask of a vector's first n int32 lanes.
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The last group of a row when it holds n < 8 blocks (K = 576: 2), stored compact: its words are read
+// as contiguous vectors, lane k of vector z holding word (8 z + k) / n of block (8 z + k) mod n, and each
+// lane is scaled by its own block's dw * dx (a permuted load): the same sum, in n blocks' worth of work.
 template <bool kQ4, int R, int MR>
-inline void tile(const uint8_t* w8, const float* scale, const float* mw, const int8_t* xq, const float* sx,
-                 float* y, int64_t K, int64_t N) {
-  const int64_t nb = K / kBlock;
-  float total[MR][R];
-#ifdef NPCD_AVX2
+inline void tail_avx2(const uint8_t* w, int64_t wstride, const float* dw, const float* mw, const uint8_t* xq,
+                      const float* dx, const float* sx, int64_t K, int64_t g0, const int32_t* tail_blocks,
+                      __m256 (&acc)[MR][R]) {
+  const int64_t nb = K / kBlock, n = nb - g0;
+  const __m256i nmask = first_lanes(n);
+  const int64_t words = n * (kQ4 ? 4 : 8);  // weight words in the tail (q4_1: packed)
+  const uint8_t* xg = xq + g0 * kBlock;
+  const uint8_t* wg = w + g0 * (kQ4 ? kBlock / 2 : kBlock);
+  for (int64_t z = 0; z * 8 < words; ++z) {
+    const __m256i mz = first_lanes(std::min<int64_t>(8, words - z * 8));
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_blocks + 8 * z));  // (8 z + k) mod n
+    __m256 dxp[MR];
+    for (int i = 0; i < MR; ++i) dxp[i] = _mm256_permutevar8x32_ps(_mm256_maskload_ps(dx + i * nb + g0, nmask), idx);
+    for (int r = 0; r < R; ++r) {
+      const __m256 dwp = _mm256_permutevar8x32_ps(_mm256_maskload_ps(dw + r * nb + g0, nmask), idx);
+      const __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(wg + r * wstride + z * 32), mz);
+      for (int i = 0; i < MR; ++i) {
+        const int* x = reinterpret_cast<const int*>(xg + i * K + z * 32);
+        __m256i dot;
+        if constexpr (kQ4)
+          dot = _mm256_madd_epi16(q4_dot16(v, _mm256_maskload_epi32(x, mz), _mm256_maskload_epi32(x + words, mz),
+                                           _mm256_setzero_si256()),
+                                  _mm256_set1_epi16(1));
+        else
+          dot = q8_dot32(v, _mm256_maskload_epi32(x, mz), _mm256_setzero_si256());
+        acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dwp, dxp[i]), _mm256_cvtepi32_ps(dot), acc[i][r]);
+      }
+    }
+  }
+  if constexpr (kQ4)  // the minimum term, once per block (n lanes)
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < R; ++r)
+        acc[i][r] = _mm256_fmadd_ps(_mm256_maskload_ps(mw + r * nb + g0, nmask),
+                                    _mm256_maskload_ps(sx + i * nb + g0, nmask), acc[i][r]);
+}
+
+// y[m .. m+MR, o0 .. o0+R) from R packed weight rows (stride `wstride` bytes) in the 8-block group layout.
+template <bool kQ4, int R, int MR>
+inline void tile_avx2(const uint8_t* w, int64_t wstride, const float* dw, const float* mw, const uint8_t* xq,
+                      const float* dx, const float* sx, float* y, int64_t K, int64_t N, const int32_t* tail_blocks) {
+  const int64_t nb = K / kBlock, full = nb - nb % kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR][R];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + b * kBlock));
-    for (int r = 0; r < R; ++r) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w8 + r * K + b * kBlock));
-      const __m256i wu = kQ4 ? wv : _mm256_sign_epi8(wv, wv);
-      for (int i = 0; i < MR; ++i) {
-        const __m256 p = dot_u8s8(wu, kQ4 ? xv[i] : _mm256_sign_epi8(xv[i], wv));
-        acc[i][r] = _mm256_fmadd_ps(_mm256_broadcast_ss(scale + (i * R + r) * nb + b), p, acc[i][r]);
+  for (int64_t g0 = 0; g0 < full; g0 += kGroup) {
+    __m256i dot[MR][R];
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < R; ++r) dot[i][r] = _mm256_setzero_si256();
+    const uint8_t* xg = xq + g0 * kBlock;
+    if constexpr (kQ4) {
+      const uint8_t* wg = w + g0 * (kBlock / 2);
+      for (int64_t c = 0; c < 4; ++c) {
+        __m256i xl[MR], xh[MR];
+        for (int i = 0; i < MR; ++i) {
+          xl[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + i * K + c * 32));
+          xh[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + i * K + (c + 4) * 32));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + r * wstride + c * 32));
+          for (int i = 0; i < MR; ++i) dot[i][r] = q4_dot16(v, xl[i], xh[i], dot[i][r]);
+        }
+      }
+      for (int i = 0; i < MR; ++i)
+        for (int r = 0; r < R; ++r) dot[i][r] = _mm256_madd_epi16(dot[i][r], ones);
+    } else {
+      const uint8_t* wg = w + g0 * kBlock;
+      for (int64_t c = 0; c < 8; ++c) {
+        __m256i xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + i * K + c * 32));
+        for (int r = 0; r < R; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + r * wstride + c * 32));
+          for (int i = 0; i < MR; ++i) dot[i][r] = q8_dot32(v, xv[i], dot[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dxv = _mm256_loadu_ps(dx + i * nb + g0);
+      for (int r = 0; r < R; ++r) {
+        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(dw + r * nb + g0), dxv);
+        acc[i][r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot[i][r]), acc[i][r]);
+        if constexpr (kQ4)
+          acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(mw + r * nb + g0), _mm256_loadu_ps(sx + i * nb + g0), acc[i][r]);
       }
     }
   }
+  if (full < nb) tail_avx2<kQ4, R, MR>(w, wstride, dw, mw, xq, dx, sx, K, full, tail_blocks, acc);
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r) total[i][r] = hsum8(acc[i][r]);
-#else
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r) {
-      total[i][r] = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) {
-        int32_t dot = 0;
-        for (int j = 0; j < kBlock; ++j) {
-          const uint8_t w = w8[r * K + b * kBlock + j];
-          dot += (kQ4 ? static_cast<int32_t>(w) : static_cast<int32_t>(static_cast<int8_t>(w))) *
-                 xq[i * K + b * kBlock + j];
-        }
-        total[i][r] += scale[(i * R + r) * nb + b] * static_cast<float>(dot);
-      }
-    }
-#endif
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r) {
-      float extra = 0.0f;
-      if constexpr (kQ4)
-        for (int64_t b = 0; b < nb; ++b) extra += mw[r * nb + b] * sx[i * nb + b];
-      y[i * N + r] = total[i][r] + extra;
-    }
+    for (int r = 0; r < R; ++r) y[i * N + r] = hsum8(acc[i][r]);
 }
 
-template <bool kQ4, int R, int MR>
-inline void run_tile(const uint8_t* w8, const float* dw, const float* mw, const int8_t* xq, const float* dx,
-                     const float* sx, float* y, int64_t K, int64_t N, float* scale) {
-  const int64_t nb = K / kBlock;
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r)
-      for (int64_t b = 0; b < nb; ++b) scale[(i * R + r) * nb + b] = dw[r * nb + b] * dx[i * nb + b];
-  tile<kQ4, R, MR>(w8, scale, mw, xq, sx, y, K, N);
-}
+constexpr int64_t kAheadTiles = 2;
 
 template <bool kQ4>
-void gemm_rows(const uint8_t* wq, const float* dw, const float* mw, const int8_t* xq, const float* dx,
-               const float* sx, float* y, int64_t M, int64_t N, int64_t K, int64_t o_begin, int64_t o_end) {
-  const int64_t nb = K / kBlock;
-  constexpr int kRows = 2;  // activation rows per tile
-  std::vector<uint8_t> w8(kTile * K);
-  std::vector<float> scale(kTile * kRows * nb);
+void gemm_rows_avx2(const uint8_t* wq, const float* dw, const float* mw, const uint8_t* xq, const float* dx,
+                    const float* sx, float* y, int64_t M, int64_t N, int64_t K, int64_t o_begin, int64_t o_end) {
+  const int64_t nb = K / kBlock, wstride = kQ4 ? K / 2 : K;
+  constexpr int kRows = 2;  // activation rows per tile: 8 accumulators, 8 dot registers, 4 activation vectors
+  // the last short group's lane -> block table ([vector z][lane k] = (8 z + k) mod n): at most 7 blocks of
+  // 8 words, 7 vectors
+  const int64_t tail = nb % kGroup;
+  alignas(32) int32_t tail_blocks[8 * 8];
+  for (int64_t k = 0; tail && k < 8 * 8; ++k) tail_blocks[k] = static_cast<int32_t>(k % tail);
   for (int64_t o0 = o_begin; o0 < o_end; o0 += kTile) {
     const int64_t rows = std::min(kTile, o_end - o0);
-    for (int64_t r = 0; r < rows; ++r) unpack_row<kQ4>(wq, o0 + r, K, w8.data() + r * K);
-    const float* mwo = kQ4 ? mw + o0 * nb : nullptr;
+    const uint8_t* w = wq + o0 * wstride;
     const float* dwo = dw + o0 * nb;
-    int64_t m = 0;
+    const float* mwo = kQ4 ? mw + o0 * nb : nullptr;
+    // A tile reads its kTile rows interleaved, 32 bytes of each in turn, which the hardware prefetcher does
+    // not follow as one stream: fetch the tile kAheadTiles on, whose rows are contiguous, while this one runs.
+    if (o0 + (kAheadTiles + 1) * kTile <= o_end) {
+      const char* ahead = reinterpret_cast<const char*>(wq + (o0 + kAheadTiles * kTile) * wstride);
+      for (int64_t line = 0; line < kTile * wstride; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
     if (rows == kTile) {
+      int64_t m = 0;
       for (; m + kRows <= M; m += kRows)
-        run_tile<kQ4, kTile, kRows>(w8.data(), dwo, mwo, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0, K, N,
-                                    scale.data());
+        tile_avx2<kQ4, kTile, kRows>(w, wstride, dwo, mwo, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0, K, N,
+                                     tail_blocks);
       for (; m < M; ++m)
-        run_tile<kQ4, kTile, 1>(w8.data(), dwo, mwo, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0, K, N,
-                                scale.data());
+        tile_avx2<kQ4, kTile, 1>(w, wstride, dwo, mwo, xq + m * K, dx + m * nb, sx + m * nb, y + m * N + o0, K, N,
+                                 tail_blocks);
     } else {
-      for (; m < M; ++m)
-        for (int64_t r = 0; r < rows; ++r)
-          run_tile<kQ4, 1, 1>(w8.data() + r * K, dwo + r * nb, kQ4 ? mwo + r * nb : nullptr, xq + m * K,
-                              dx + m * nb, sx + m * nb, y + m * N + o0 + r, K, N, scale.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t m = 0; m < M; ++m)
+          tile_avx2<kQ4, 1, 1>(w + r * wstride, wstride, dwo + r * nb, kQ4 ? mwo + r * nb : nullptr, xq + m * K,
+                               dx + m * nb, sx + m * nb, y + m * N + o0 + r, K, N, tail_blocks);
     }
   }
 }
+#endif
 
-#ifdef NPCD_GROUPS
+#ifdef NPCD_VNNI_GROUPS
 // The last group of a row when it holds n < 16 blocks (K = 576: 2 blocks). Its words are read as
 // contiguous vectors instead of one column per vector, so the 2 blocks cost 2 vpdpbusd, not 16:
 // lane k of vector z holds word (column c, block l) with c * n + l = 16 z + k, the lanes are not
@@ -438,9 +472,10 @@ void gemm_rows_vnni(const uint8_t* wq, const float* dw, const float* mw, const i
 }
 #endif
 
-// The weights in the layout this build's `linear` reads: [words, sums, dw, mw]. AVX2 reads the GGML
-// layout and the scales as they are; the VNNI group build reorders the words and adds 128 * sum(q) per
-// block for q8_0; the AMX build stores strips of 16 channels with their scales (blockq_amx.h).
+// The weights in the layout this build's `linear` reads: [words, sums, dw, mw]. The group builds reorder
+// the words (8-block groups on AVX2, 16 on VNNI) and keep the scales as they are; the VNNI build adds
+// 128 * sum(q) per block for q8_0; the AMX build stores strips of 16 channels with their scales
+// (blockq_amx.h).
 std::vector<torch::Tensor> pack(const torch::Tensor& wq, const torch::Tensor& dw, const torch::Tensor& mw, int64_t N,
                                 int64_t K, bool q4) {
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of 32, got ", K);
@@ -458,14 +493,19 @@ std::vector<torch::Tensor> pack(const torch::Tensor& wq, const torch::Tensor& dw
   auto packed = torch::empty_like(wq);
   const auto* src = static_cast<const int32_t*>(wq.data_ptr());
   auto* dst = static_cast<int32_t*>(packed.data_ptr());
-  if (!q4) sums = torch::empty({N, nb}, wq.options().dtype(torch::kInt32));
+#ifdef NPCD_VNNI_GROUPS
+  const bool offset = !q4;  // the VNNI build's q8_0 activations are offset by 128: subtract 128 * sum(q)
+#else
+  const bool offset = false;
+#endif
+  if (offset) sums = torch::empty({N, nb}, wq.options().dtype(torch::kInt32));
   const auto* bytes = static_cast<const int8_t*>(wq.data_ptr());
-  int32_t* sp = q4 ? nullptr : sums.data_ptr<int32_t>();
+  int32_t* sp = offset ? sums.data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       for (int64_t b = 0; b < nb; ++b) {
         for (int64_t w = 0; w < wpb; ++w) dst[o * row_words + group_word(b, w, nb, wpb)] = src[o * row_words + b * wpb + w];
-        if (!q4) {
+        if (offset) {
           int32_t total = 0;
           for (int64_t j = 0; j < kBlock; ++j) total += bytes[o * K + b * kBlock + j];
           sp[o * nb + b] = 128 * total;
@@ -474,8 +514,6 @@ std::vector<torch::Tensor> pack(const torch::Tensor& wq, const torch::Tensor& dw
     }
   });
   return {packed, sums, dw, mw};
-#else
-  return {wq, torch::empty({0}, wq.options().dtype(torch::kInt32)), dw, mw};
 #endif
 }
 
@@ -497,7 +535,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wq, const torc
 #else
   TORCH_CHECK(dw.numel() == N * nb, "dw must hold N*K/32 scales");
   TORCH_CHECK(wq.numel() == (q4 ? N * K / 2 : N * K), "wq has the wrong size for N=", N, ", K=", K);
-#ifdef NPCD_GROUPS
+#ifdef NPCD_VNNI_GROUPS
   TORCH_CHECK(q4 || wsum.numel() == N * nb, "wsum must hold N*K/32 block sums (from pack)");
   const bool offset = !q4;
 #else
@@ -523,8 +561,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wq, const torc
   const auto* w = static_cast<const uint8_t*>(wq.data_ptr());
   // Grain: enough output rows per task that a thread streams a long run of weights.
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-#ifdef NPCD_GROUPS
     const auto* xu = reinterpret_cast<const uint8_t*>(xq.data_ptr<int8_t>());
+#ifdef NPCD_VNNI_GROUPS
     const int32_t* sums = q4 ? nullptr : wsum.data_ptr<int32_t>();
     if (q4)
       gemm_rows_vnni<true>(w, dw.data_ptr<float>(), mptr, sums, xu, dx.data_ptr<float>(), sx.data_ptr<float>(),
@@ -535,11 +573,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& wq, const torc
 #else
     (void)wsum;
     if (q4)
-      gemm_rows<true>(w, dw.data_ptr<float>(), mptr, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                      sx.data_ptr<float>(), y.data_ptr<float>(), M, N, K, begin, end);
+      gemm_rows_avx2<true>(w, dw.data_ptr<float>(), mptr, xu, dx.data_ptr<float>(), sx.data_ptr<float>(),
+                           y.data_ptr<float>(), M, N, K, begin, end);
     else
-      gemm_rows<false>(w, dw.data_ptr<float>(), mptr, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                       sx.data_ptr<float>(), y.data_ptr<float>(), M, N, K, begin, end);
+      gemm_rows_avx2<false>(w, dw.data_ptr<float>(), mptr, xu, dx.data_ptr<float>(), sx.data_ptr<float>(),
+                            y.data_ptr<float>(), M, N, K, begin, end);
 #endif
   });
 #endif
@@ -561,18 +599,8 @@ std::string path() {
   return "amx-int8 tiles, 16-channel strips";
 #elif defined(NPCD_VNNI)
   return "avx512-vnni, 16-block groups";
-#elif defined(NPCD_AVX2)
-  return "avx2 maddubs";
 #else
-  return "scalar";
-#endif
-}
-
-bool has_simd() {
-#ifdef NPCD_AVX2
-  return true;
-#else
-  return false;
+  return "avx2 maddubs, 8-block groups";
 #endif
 }
 
@@ -585,7 +613,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode(m);
   register_lora(m);
   m.def("linear", &linear, "block-quantized weight x per-block int8 activation linear");
-  m.def("has_simd", &has_simd, "whether the AVX2 path was compiled in");
   m.def("pack", &pack, "the block weights in the layout this build's linear reads");
   m.def("path", &path, "which arithmetic this build runs");
   m.def("refusal", &refusal, "why this build cannot run on this machine; empty when it can");
