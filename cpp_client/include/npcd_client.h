@@ -452,6 +452,17 @@ NPCD_API void npcd_conversation_free(npcd_conversation *conversation);
 NPCD_API npcd_status npcd_add_turn(npcd_client *client, const char *conversation, const char *persona,
                                    const char *speaker, const char *text, int32_t npc, uint32_t timeout_ms,
                                    int32_t *rpc_code_out);
+/*
+ * Replaces what the NPC remembers with the game's own edit: `count` turns, oldest first (turns may
+ * be NULL when count is 0), and a summary of what came before them ("" or NULL: none). A game
+ * rewrites a memory after a quest changes the story, trims what the player should not have said,
+ * or moves a conversation to another NPC. Unlike npcd_reset_conversation the conversation is kept,
+ * even when empty. The daemon refuses (NPCD_ERR_RPC, code 3) more turns or longer text than its
+ * limits allow, naming the field; nothing stored changes then.
+ */
+NPCD_API npcd_status npcd_set_conversation(npcd_client *client, const char *conversation, const char *persona,
+                                           const npcd_turn *turns, int32_t count, const char *summary,
+                                           uint32_t timeout_ms, int32_t *rpc_code_out);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
-// The conversations of the C ABI: a save game's blob out and back in, reading one, adding a turn, and a reset,
-// each one unary call.
+// The conversations of the C ABI: a save game's blob out and back in, reading one, adding a turn, replacing its
+// turns, and a reset, each one unary call.
 #include <string>
 #include <vector>
 
@@ -172,6 +172,40 @@ npcd_status npcd_add_turn(npcd_client* client, const char* conversation, const c
     return npcd::rpc_outcome(client->session->call(&npcd::v1::Npcd::Stub::AddTurns, request,
                                                    npcd::call_timeout(timeout_ms), &response),
                              "AddTurns", rpc_code_out);
+}
+
+npcd_status npcd_set_conversation(npcd_client* client, const char* conversation, const char* persona,
+                                  const npcd_turn* turns, int32_t count, const char* summary, uint32_t timeout_ms,
+                                  int32_t* rpc_code_out) {
+    if (rpc_code_out != nullptr) *rpc_code_out = 0;
+    if (client == nullptr || count < 0 || (count > 0 && turns == nullptr)) {
+        npcd::set_last_error(client == nullptr ? "client is NULL"
+                             : count < 0       ? "count is negative: " + std::to_string(count)
+                                               : "turns is NULL with count " + std::to_string(count));
+        return NPCD_ERR_INVALID_ARGUMENT;
+    }
+    npcd::v1::ConversationRef ref;
+    if (const npcd_status bad = make_ref(conversation, persona, &ref); bad != NPCD_OK) return bad;
+    npcd::v1::Conversation request;
+    request.set_conversation(ref.conversation());
+    request.set_persona(ref.persona());
+    if (summary != nullptr) {
+        if (const npcd_status bad = checked("summary", summary); bad != NPCD_OK) return bad;
+        request.set_summary(summary);
+    }
+    for (int32_t i = 0; i < count; ++i) {
+        const std::string field = "turns[" + std::to_string(i) + "]";
+        if (const npcd_status bad = checked((field + ".speaker").c_str(), turns[i].speaker); bad != NPCD_OK) return bad;
+        if (const npcd_status bad = checked((field + ".text").c_str(), turns[i].text); bad != NPCD_OK) return bad;
+        npcd::v1::ConversationTurn* turn = request.add_turns();
+        turn->set_speaker(turns[i].speaker);
+        turn->set_text(turns[i].text);
+        turn->set_npc(turns[i].npc != 0);
+    }
+    npcd::v1::Conversation response;
+    return npcd::rpc_outcome(client->session->call(&npcd::v1::Npcd::Stub::SetConversation, request,
+                                                   npcd::call_timeout(timeout_ms), &response),
+                             "SetConversation", rpc_code_out);
 }
 
 }  // extern "C"

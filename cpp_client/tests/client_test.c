@@ -1027,6 +1027,29 @@ static void test_conversations(void) {
     CHECK(npcd_reset_conversation(c, NULL, persona, 0, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
               strstr(npcd_last_error(), "conversation") != NULL, "a NULL conversation: '%s'", npcd_last_error());
     CHECK(npcd_blob_size(NULL) == 0 && npcd_blob_data(NULL) == NULL, "a NULL blob has bytes");
+
+    /* the game's own edit: what the NPC remembers is replaced, the conversation kept */
+    const npcd_turn edited[] = {{"Player", "I found your ring.", 0}, {"NPC", "My ring! Thank you.", 1}};
+    CHECK(npcd_set_conversation(c, conversation, persona, edited, 2, "They met at the market.", 10000, &code) ==
+              NPCD_OK, "npcd_set_conversation: %s", npcd_last_error());
+    CHECK(npcd_get_conversation(c, conversation, persona, 10000, &kept, &code) == NPCD_OK &&
+              npcd_conversation_turn_count(kept) == 2 &&
+              strcmp(npcd_conversation_turn(kept, 0)->text, "I found your ring.") == 0 &&
+              npcd_conversation_turn(kept, 1)->npc &&
+              strcmp(npcd_conversation_summary(kept), "They met at the market.") == 0,
+          "the edited conversation: %d turns, summary '%s' (%s)", npcd_conversation_turn_count(kept),
+          kept ? npcd_conversation_summary(kept) : "", npcd_last_error());
+    npcd_conversation_free(kept);
+    CHECK(conversation_line(c, &ls, persona, conversation, "Do you remember me?")->history_turns == 2,
+          "the next line did not hold the edited turns");
+    const npcd_turn bad_turn[] = {{"Player", "ok", 0}, {NULL, "x", 0}};
+    CHECK(npcd_set_conversation(c, conversation, persona, bad_turn, 2, NULL, 0, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              strstr(npcd_last_error(), "turns[1].speaker") != NULL, "a NULL speaker in turns[1]: '%s'",
+          npcd_last_error());
+    CHECK(npcd_set_conversation(c, conversation, persona, NULL, 1, NULL, 0, NULL) == NPCD_ERR_INVALID_ARGUMENT &&
+              strstr(npcd_last_error(), "turns is NULL") != NULL, "NULL turns with count 1: '%s'", npcd_last_error());
+    CHECK(npcd_set_conversation(c, conversation, "no-such-persona", edited, 2, NULL, 10000, &code) == NPCD_ERR_RPC &&
+              code == 5, "an edit for an unknown persona: code %d (%s)", code, npcd_last_error());
     printf("conversations: %llu-byte blob, restored %u earlier turns\n", (unsigned long long)npcd_blob_size(saved),
            restored->history_turns);
     npcd_blob_free(saved);

@@ -70,7 +70,8 @@ namespace Npcd
             public int HasAdapter;
         }
 
-        // npcd_turn field for field (the strings belong to the conversation until npcd_conversation_free).
+        // npcd_turn field for field (read: the strings belong to the conversation until npcd_conversation_free;
+        // written: to the caller until the call returns).
         [StructLayout(LayoutKind.Sequential)]
         internal struct NativeTurn
         {
@@ -147,6 +148,7 @@ namespace Npcd
         [DllImport(Lib)] internal static extern IntPtr npcd_conversation_turn(IntPtr conversation, int index);
         [DllImport(Lib)] internal static extern IntPtr npcd_conversation_summary(IntPtr conversation);
         [DllImport(Lib)] internal static extern void npcd_conversation_free(IntPtr conversation);
+        [DllImport(Lib)] internal static extern int npcd_set_conversation(IntPtr client, byte[] conversation, byte[] persona, [In] NativeTurn[] turns, int count, byte[] summary, uint timeoutMs, out int rpcCode);
         [DllImport(Lib)] internal static extern int npcd_add_turn(IntPtr client, byte[] conversation, byte[] persona, byte[] speaker, byte[] text, int npc, uint timeoutMs, out int rpcCode);
 
         /// <summary>NUL-terminated UTF-8 of s. Refuses (ArgumentException whose ParamName is

@@ -219,6 +219,48 @@ namespace Npcd
             }
         }
 
+        /// <summary>Replaces what one NPC remembers with the game's own edit: these turns, oldest first, and a
+        /// summary of what came before them (null or "": none). For a quest that rewrites a memory, a trimmed
+        /// history, or a conversation moved to another NPC; unlike ResetConversation the conversation is kept.
+        /// </summary>
+        /// <exception cref="ArgumentException">a turn's Speaker or Text is null or cannot be sent (ParamName
+        /// names it: "turns[1].Speaker")</exception>
+        /// <exception cref="NpcdUnavailableException">the daemon refused (Code 3: more turns or text than its
+        /// limits, named in the message; nothing stored changed) or did not answer</exception>
+        public void SetConversation(string conversation, string persona, Turn[] turns, string summary = null,
+                                    uint timeoutMs = 0)
+        {
+            if (turns == null) throw new ArgumentNullException("turns");
+            byte[] conversationUtf8 = NativeMethods.Utf8(conversation, "conversation");
+            byte[] personaUtf8 = NativeMethods.Utf8(persona, "persona");
+            byte[] summaryUtf8 = NativeMethods.Utf8OrNull(summary, "summary");
+            var native = new NativeMethods.NativeTurn[turns.Length];
+            try
+            {
+                for (int i = 0; i < turns.Length; i++)
+                {
+                    string field = "turns[" + i + "]";
+                    if (turns[i].Speaker == null) throw new ArgumentNullException(field + ".Speaker");
+                    if (turns[i].Text == null) throw new ArgumentNullException(field + ".Text");
+                    native[i].Speaker = NativeMethods.Utf8Alloc(turns[i].Speaker, field + ".Speaker");
+                    native[i].Text = NativeMethods.Utf8Alloc(turns[i].Text, field + ".Text");
+                    native[i].Npc = turns[i].Npc ? 1 : 0;
+                }
+                int code;
+                Called(NativeMethods.npcd_set_conversation(Live(), conversationUtf8, personaUtf8, native, native.Length,
+                                                           summaryUtf8, timeoutMs, out code),
+                       code, "npcd_set_conversation");
+            }
+            finally
+            {
+                foreach (var t in native)
+                {
+                    if (t.Speaker != IntPtr.Zero) Marshal.FreeHGlobal(t.Speaker);
+                    if (t.Text != IntPtr.Zero) Marshal.FreeHGlobal(t.Text);
+                }
+            }
+        }
+
         /// <summary>Adds a turn the NPC should remember without a line of its own: what the player told another
         /// NPC nearby, an event of the game, or (npc: true) words the game puts in the NPC's mouth.</summary>
         public void AddTurn(string conversation, string persona, string speaker, string text, bool npc = false,

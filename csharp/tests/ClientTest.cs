@@ -448,6 +448,15 @@ internal static class Test
             Check(big is RequestTooLargeException && big.ParamName == "blob", "want RequestTooLargeException(blob), got " + big);
             Check(Refused(() => client.ResetConversation(null, personas[0]), "a null conversation").ParamName == "conversation",
                   "a null conversation not named");
+            client.SetConversation(conversation, personas[0],
+                                   new[] { new Turn("Player", "I found your ring."), new Turn("NPC", "My ring! Thank you.", true) },
+                                   "They met at the market.", 10000);
+            var edited = client.GetConversation(conversation, personas[0], 10000);
+            Check(edited.Turns.Length == 2 && edited.Turns[0].Text == "I found your ring." && edited.Turns[1].Npc &&
+                  edited.Summary == "They met at the market.", "the edited conversation: " + edited.Turns.Length + " turns");
+            Check(ConversationLine(client, conversation, "Do you remember me?") == 2, "the next line did not hold the edited turns");
+            Check(Refused(() => client.SetConversation(conversation, personas[0], new[] { new Turn("Player", "ok"), new Turn(null, "x") }),
+                          "a null speaker").ParamName == "turns[1].Speaker", "a null speaker not named");
             Console.WriteLine("conversations: " + saved.Length + "-byte blob, restored " + restored + " earlier turns");
         }
     }

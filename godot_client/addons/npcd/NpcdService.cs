@@ -100,6 +100,28 @@ namespace NpcdGodot
             }, false);
         }
 
+        /// <summary>Replaces what one NPC remembers: turns as GetConversation returns them (Dictionaries
+        /// {"speaker", "text", "npc"}), oldest first, and a summary of what came before ("" for none); false with
+        /// the error pushed when refused. GDScript:
+        /// <c>Npcd.SetConversation("guard-1", "town_guard", [{"speaker": "Player", "text": "Hi."}], "", 5000)</c>.</summary>
+        public bool SetConversation(string conversation, string persona, Godot.Collections.Array<Godot.Collections.Dictionary> turns,
+                                    string summary, int timeoutMs)
+        {
+            return Blocking("SetConversation", () =>
+            {
+                var kept = new Turn[turns.Count];
+                for (int i = 0; i < kept.Length; i++)
+                {
+                    var t = turns[i];
+                    kept[i] = new Turn(t.ContainsKey("speaker") ? t["speaker"].AsString() : null,
+                                       t.ContainsKey("text") ? t["text"].AsString() : null,
+                                       t.ContainsKey("npc") && t["npc"].AsBool());
+                }
+                Client.SetConversation(conversation, persona, kept, summary, (uint)Math.Max(timeoutMs, 0));
+                return true;
+            }, false);
+        }
+
         /// <summary>Makes one NPC forget its conversation; false with the error pushed when refused.</summary>
         public bool ResetConversation(string conversation, string persona, int timeoutMs)
         {

@@ -166,6 +166,27 @@ bool UNpcdSubsystem::AddTurn(const FString& Conversation, const FString& Persona
                   Code, TEXT("AddTurn"), ErrorCode);
 }
 
+bool UNpcdSubsystem::SetConversation(const FString& Conversation, const FString& Persona, const TArray<FNpcdTurn>& Turns,
+                                     const FString& Summary, int32 TimeoutMs, int32& ErrorCode)
+{
+    // UTF-8 copies that live through the call (TCHAR_TO_UTF8's buffer ends with its full expression)
+    TArray<TArray<ANSICHAR>> Strings;
+    Strings.Reserve(Turns.Num() * 2);
+    auto Utf8 = [&Strings](const FString& Text) -> const char*
+    {
+        FTCHARToUTF8 Converted(*Text);
+        return Strings.Emplace_GetRef((const ANSICHAR*)Converted.Get(), Converted.Length() + 1).GetData();
+    };
+    TArray<npcd_turn> Native;
+    Native.Reserve(Turns.Num());
+    for (const FNpcdTurn& Turn : Turns)
+        Native.Add({Utf8(Turn.Speaker), Utf8(Turn.Text), Turn.bNpc ? 1 : 0});
+    int32_t Code = 0;
+    return Called(npcd_set_conversation(Client, TCHAR_TO_UTF8(*Conversation), TCHAR_TO_UTF8(*Persona), Native.GetData(),
+                                        Native.Num(), TCHAR_TO_UTF8(*Summary), Wait(TimeoutMs), &Code),
+                  Code, TEXT("SetConversation"), ErrorCode);
+}
+
 bool UNpcdSubsystem::ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode)
 {
     int32_t Code = 0;

@@ -110,6 +110,11 @@ public:
     /** Adds a turn the NPC should remember without a line of its own (bNpc: words put in its mouth). */
     UFUNCTION(BlueprintCallable, Category = "npcd")
     bool AddTurn(const FString& Conversation, const FString& Persona, const FNpcdTurn& Turn, int32 TimeoutMs, int32& ErrorCode);
+    /** Replaces what one NPC remembers with the game's own edit: Turns, oldest first, and a Summary of what came
+     *  before them (empty: none). Unlike ResetConversation the conversation is kept. */
+    UFUNCTION(BlueprintCallable, Category = "npcd")
+    bool SetConversation(const FString& Conversation, const FString& Persona, const TArray<FNpcdTurn>& Turns,
+                         const FString& Summary, int32 TimeoutMs, int32& ErrorCode);
     /** Makes one NPC forget its conversation. */
     UFUNCTION(BlueprintCallable, Category = "npcd")
     bool ResetConversation(const FString& Conversation, const FString& Persona, int32 TimeoutMs, int32& ErrorCode);
