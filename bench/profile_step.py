@@ -42,10 +42,14 @@ BUCKETS = {
 
 
 def bucket_of(name: str) -> str | None:
-    """The bucket of a cProfile built-in entry ('<built-in method npcd_cpu_ab12.linear>'), None for Python code."""
-    if not name.startswith("<built-in") and not name.startswith("<method"):
+    """The bucket of a cProfile entry for a C++ call, None for Python code. Functions are named
+    '<built-in method npcd_cpu_ab12.linear>', tensor methods "<method 'index_add_' of 'torch._C.TensorBase' objects>"."""
+    if name.startswith("<method '"):
+        short = name.split("'")[1]
+    elif name.startswith("<built-in"):
+        short = name.rstrip(">").split(" ")[-1].split(".")[-1]
+    else:
         return None
-    short = name.rstrip(">").split(" ")[-1].split(".")[-1].strip("'")
     return next((b for b, names in BUCKETS.items() if short in names), "other C++ calls")
 
 
