@@ -344,6 +344,25 @@ def test_the_unity_package_imports_without_the_inspector(unpacked):
     assert "OS: Linux" in meta and "CPU: x86_64" in meta
 
 
+def test_the_unity_sample_scene_builder_sets_fields_the_sample_has(unpacked):
+    """The sample's scene is built by an editor menu (no .unity file to go stale between Unity versions):
+    it ships in the sample's Editor folder, and every field it sets is a public field of the sample's
+    components, so a rename in a component cannot leave the menu setting a field that is gone."""
+    sample = unpacked["unity"] / "Samples~" / "NpcDialogue"
+    builder = (sample / "Editor" / "NpcdSampleScene.cs").read_text()
+    assert '[MenuItem("Tools/npcd/Create Sample Scene")]' in builder
+    variables = {"speaker": "NpcSpeaker", "bubble": "SpeechBubble"}
+    assigned = re.findall(r"\b(speaker|bubble)\.(\w+) = ", builder)
+    assigned += [("AskOnKey", field) for field in re.findall(r"AddComponent<AskOnKey>\(\)\.(\w+) = ", builder)]
+    assert len(assigned) >= 6, assigned
+    for variable, field in assigned:
+        component = variables.get(variable, variable)
+        source = (sample / f"{component}.cs").read_text()
+        assert re.search(rf"public [\w<>, \[\]]+ {field}\b", source), (component, field)
+    for component in ("NpcdConnection", "SpeechBubble", "NpcSpeaker", "AskOnKey"):
+        assert f"<{component}>" in builder, component
+
+
 @pytest.mark.parametrize("package, binding", [("unity", "Runtime/Binding"), ("godot", "binding")])
 def test_the_sample_speaks_through_the_packaged_binding(unpacked, package, binding, test_env, daemon_files, tmp_path,
                                                         restart_log):
