@@ -121,6 +121,14 @@ class StructuredOutput:
     text_field: str | None = None
 
 
+# The daemon's own work (a conversation's next window, a summary): its prompt is computed a small chunk per step
+# (npcd.engine.scheduler.AMBIENT_SHARE_DIVISOR of the budget), and not at all in a step where a player line's
+# prompt is, so a game line never waits on it for more than one small step. Measured on a 2-core AVX2 CPU: a
+# 494-token window computed at ambient priority took a whole 256-token step first and then shared every one,
+# and the player lines beside it waited 250-390 ms for their first token against ~140 ms alone.
+BACKGROUND_PRIORITY = -1
+
+
 @dataclass
 class GenerationRequest:
     request_id: str
@@ -128,7 +136,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None   # name given to load_adapter(); None runs the base model
     prefix_len: int = 0          # leading prompt tokens shared by a persona's requests (KV reused)
-    priority: int = 0            # higher is scheduled first (player-facing > ambient)
+    priority: int = 0            # higher is scheduled first: player-facing 1 > ambient 0 > BACKGROUND_PRIORITY
     deadline: float | None = None  # time.monotonic() after which the request is ended
     structured: StructuredOutput | None = None  # None: free text
     client: str = ""             # who asked (a connection, or its x-npcd-client key): the unit of fair shares

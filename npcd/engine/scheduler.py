@@ -251,16 +251,24 @@ class Scheduler:
         # with its prompt tokens, and the player's first token and every next one wait for the step. Measured
         # on a 2-core AVX2 CPU: a player line beside a 430-token background prompt waited 1.2-1.5 s for its
         # first token with the whole budget shared, against ~0.3 s alone.
+        # The daemon's own rows (BACKGROUND_PRIORITY) always get at most that share, and nothing in a step that
+        # computes a player line's prompt: that step is the player's time to first token.
         player = any(s.priority > 0 for s in self.running)
-        ambient = max(1, budget // AMBIENT_SHARE_DIVISOR) if player else budget
+        share = max(1, budget // AMBIENT_SHARE_DIVISOR)
+        ambient = share if player else budget
+        player_prefill = False
         for slot in range(decoding, len(self.running)):
-            seq = self.running[slot]
-            take = min(len(seq.prompt) - seq.kv_len, budget, ambient if seq.priority <= 0 else budget)
+            seq = self.running[slot]  # in priority order (_prefill_by_priority): player, ambient, background
+            cap = budget if seq.priority > 0 else ambient
+            if seq.priority < 0:
+                cap = 0 if player_prefill else min(cap, share)
+            take = min(len(seq.prompt) - seq.kv_len, budget, cap)
             if take <= 0:
                 break  # budget spent: this row and the ones after it wait for the next step
             budget -= take
             if seq.priority <= 0:
                 ambient -= take
+            player_prefill |= seq.priority > 0
             plan.prefill.append(seq)
             plan.chunks.append((seq.kv_len, seq.kv_len + take))
             if seq.pending_prefix is not None and seq.kv_len + take >= seq.request.prefix_len:

@@ -9,9 +9,9 @@ Moving a conversation's window (dropping its oldest exchanges) changes its promp
 earlier KV applies and the next line would wait for a full prefill (measured: 4-5 s for 600 tokens on a
 loaded 2-core CPU, against ~0.3 s for a line that reuses its conversation). So the window moves ahead of
 time: once a conversation's next prompt would pass the budget's `move_at`, its new beginning is computed
-in the background (a one-token line at ambient priority) while lines go on in the old window, and the
-window switches when that KV is ready. Prefix-cache entries are keyed by window and summary, so a line
-planned in the old window can never overwrite the new window's entry.
+in the background (a one-token line at the engine's BACKGROUND_PRIORITY) while lines go on in the old
+window, and the window switches when that KV is ready. Prefix-cache entries are keyed by window and
+summary, so a line planned in the old window can never overwrite the new window's entry.
 
 A persona with `memory.when_full: summarize` folds the turns that left into its summary, written by the
 base model with the persona's adapter, in the background; it applies once the KV of the beginning it
@@ -26,7 +26,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from npcd.engine.api import STRUCTURE_TOKENS, BackendError, Finished, FinishReason, GenerationRequest, SamplingParams
+from npcd.engine.api import (BACKGROUND_PRIORITY, STRUCTURE_TOKENS, BackendError, Finished, FinishReason,
+                            GenerationRequest, SamplingParams)
 from npcd.personas.loader import Persona
 from npcd.personas.prompt import Budget, Prompt, PromptBuilder
 from npcd.service._proto import npcd_pb2 as pb
@@ -153,7 +154,7 @@ class Dialogue:
 
     def _warm(self, conv: Conversation, persona: Persona, window: int, summary: str,
               then: Callable[[Conversation, Persona, int, str], None]) -> None:
-        """Computes, at ambient priority, the KV of the beginning a conversation's prompts will have with this
+        """Computes, at background priority, the KV of the beginning a conversation's prompts will have with this
         window and summary (a one-token line under that cache key), then calls `then` (on the event loop); the
         conversation's lines meanwhile go on as they were."""
         exchanges = Conversation(conv.key, conv.turns, window=window).prompt_parts()[0]
@@ -165,7 +166,7 @@ class Dialogue:
         request = GenerationRequest(request_id=f"warm{next(self._ids)}", prompt_ids=ids,
                                     sampling=SamplingParams(temperature=0.0, max_tokens=1),
                                     adapter=persona.id if persona.adapter_path else None, prefix_len=system_len,
-                                    priority=0, client=BACKGROUND_CLIENT,
+                                    priority=BACKGROUND_PRIORITY, client=BACKGROUND_CLIENT,
                                     cache_key=cache_key(conv.key, window, summary))
         self._warming.add(conv.key)
 
@@ -173,7 +174,9 @@ class Dialogue:
             try:
                 event = await self._run(request, "conversation beginning", conv.key)
                 current = self.store.get(conv.key)
-                if event is not None and event.reason is not FinishReason.ERROR and current is not None:
+                # only a whole prompt leaves its KV behind: a shed (PREEMPTED) or failed one does not
+                if event is not None and event.reason in (FinishReason.STOP, FinishReason.LENGTH) \
+                        and current is not None:
                     then(current, persona, window, summary)
             finally:
                 self._warming.discard(conv.key)
@@ -212,7 +215,8 @@ class Dialogue:
                      f"remember it: names, promises, prices and facts.")
             request = GenerationRequest(request_id=f"summary{next(self._ids)}", prompt_ids=prompt.ids,
                                         sampling=sampling, adapter=persona.id if persona.adapter_path else None,
-                                        prefix_len=prompt.prefix_len, priority=0, client=BACKGROUND_CLIENT)
+                                        prefix_len=prompt.prefix_len, priority=BACKGROUND_PRIORITY,
+                                        client=BACKGROUND_CLIENT)
             event = await self._run(request, "conversation summary", key)  # refused: the turns stay dropped
             if event is not None and event.reason in (FinishReason.STOP, FinishReason.LENGTH) and event.text.strip():
                 conv = self.store.get(key)

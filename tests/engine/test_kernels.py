@@ -163,3 +163,30 @@ def test_a_stale_build_lock_is_cleared_and_a_live_one_kept(tmp_path):
 def test_the_engine_loads_the_widest_build_this_cpu_runs(kernel):
     # a narrower build only where a wider one failed or was refused, and then the startup log says why
     assert kernel.flags == machine_isa() or (kernel.skipped and all(kernel.skipped))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 32), (5, 1, 64), (4, 4, 64), (6, 3, 24)])
+def test_fused_attention_by_kv_head_matches_softmax_and_each_token_alone(kernel, heads, kv_heads, head_dim):
+    """The heads that share a kv head go through its keys together (tiles of 3, then 2 or 1): every head's
+    output equals softmax attention over its slot, and a token's output is the same bits computed alone.
+    Identity rotary (cos 1, sin 0), so the reference is plain attention over the cache the kernel wrote."""
+    g = torch.Generator().manual_seed(heads * 100 + head_dim)
+    slots, max_len = 3, 96
+    k_cache = torch.randn(slots, kv_heads, max_len, head_dim, generator=g)
+    v_cache = torch.randn(slots, kv_heads, max_len, head_dim, generator=g)
+    cos, sin = torch.ones(max_len, head_dim), torch.zeros(max_len, head_dim)
+    pos = torch.tensor([40, 41, 42, 43, 44, 0, 1, 2, 90, 7])  # a prompt chunk over 40 cached, a new prompt, decodes
+    slot = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+    qkv = torch.randn(len(pos), (heads + 2 * kv_heads) * head_dim, generator=g)
+    scale = head_dim ** -0.5
+    out = kernel.module.attention(qkv, slot, pos, cos, sin, k_cache, v_cache, heads, kv_heads, scale)
+    group = heads // kv_heads
+    for t, (p, s) in enumerate(zip(pos.tolist(), slot.tolist())):
+        for h in range(heads):
+            q = qkv[t, h * head_dim:(h + 1) * head_dim]
+            keys, values = k_cache[s, h // group, :p + 1], v_cache[s, h // group, :p + 1]
+            expected = torch.softmax(keys @ q * scale, dim=0) @ values
+            torch.testing.assert_close(out[t, h * head_dim:(h + 1) * head_dim], expected, rtol=1e-5, atol=1e-5)
+        alone = kernel.module.attention(qkv[t:t + 1].contiguous(), slot[t:t + 1], pos[t:t + 1], cos, sin,
+                                        k_cache.clone(), v_cache.clone(), heads, kv_heads, scale)
+        assert torch.equal(alone[0], out[t]), t

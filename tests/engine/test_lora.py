@@ -216,13 +216,14 @@ def wide_stacks(request) -> LoraStacks:
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [[0, 0, 0, 1, 2, 2, 3, -1, 1], [2] * 14 + [0, -1, 1]], ids=["decode", "prompt"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_segmented_kernel_at_widths_that_take_every_vector_path(build, wide_stacks, group):
+def test_segmented_kernel_at_widths_that_take_every_vector_path(build, wide_stacks, group, rows):
     """Against torch matmuls over the same bf16 (or int8, scaled) stacks, in every build this machine runs; and
     the AVX-512 and AVX2 builds agree bit for bit: both sum each element as one FMA chain over k ascending, only
     the vector width differs, so a line's adapter delta does not depend on the CPU kind or the path a build
-    takes."""
-    rows = [0, 0, 0, 1, 2, 2, 3, -1, 1]
+    takes. A prompt's 14 rows of one slot take the AVX2 build's converted panels (tiles of 6, 6 and 2 rows):
+    each of its rows gets the bits it gets alone."""
     stack = wide_stacks.stacks[(0, group)]
     x = torch.randn(len(rows), stack.A.shape[1], generator=torch.Generator().manual_seed(3))
     got = torch.zeros(len(rows), sum(b.shape[2] for b in stack.B))
@@ -242,6 +243,10 @@ def test_segmented_kernel_at_widths_that_take_every_vector_path(build, wide_stac
         other = torch.zeros_like(got)
         SegmentedLoraBatch(rows, wide_stacks, build_cpu_kernels(flags).module.lora_add).add_delta(x, other, 0, group)
         assert torch.equal(got, other), flags
+    for i, slot in enumerate(rows):
+        alone = torch.zeros(1, got.shape[1])
+        SegmentedLoraBatch([slot], wide_stacks, build.module.lora_add).add_delta(x[i:i + 1], alone, 0, group)
+        assert torch.equal(alone[0], got[i]), i
 
 
 def test_plan_buckets_is_optimal():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from npcd.engine.api import GenerationRequest, SamplingParams, TextDelta
+from npcd.engine.api import BACKGROUND_PRIORITY, GenerationRequest, SamplingParams, TextDelta
 from npcd.engine.engine import Engine
 from npcd.engine.kernels import why_unavailable
 from npcd.engine.scheduler import WaitingQueue
@@ -83,3 +83,34 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_line_keeps_decoding(tiny_c
     texts = {name: "".join(e.text for e in evs if isinstance(e, TextDelta)) for name, evs in events.items()}
     assert texts == {"long": alone["long"], "short": alone["short"]}
     assert (None, tuple(history[:40])) in engine.prefix_cache  # stored once its chunk was done
+
+
+def test_the_daemons_own_prompts_take_small_chunks_and_none_beside_a_player_prompt(tiny_config):
+    """Budget 64 (share 8): a background prompt (a conversation's next window) computes at most 8 tokens a step,
+    alone or in what an ambient line's prompt leaves, and nothing in the step that computes a player line's prompt, so the
+    player's first token waits for one small step at most; it goes on while the player line decodes."""
+    engine = Engine(tiny_config.replace(prefill_token_budget=64))
+    background = GenerationRequest("bg", [(3 * i) % 900 + 20 for i in range(200)],
+                                   SamplingParams(max_tokens=1, temperature=0.0), priority=BACKGROUND_PRIORITY)
+    engine.submit(background, lambda event: None)
+
+    def step_tokens() -> dict[str, int]:
+        before = {rid: seq.kv_len for rid, seq in engine.by_id.items()}
+        engine.step()
+        return {rid: seq.kv_len - before.get(rid, 0) for rid, seq in engine.by_id.items()}
+
+    assert [step_tokens()["bg"] for _ in range(3)] == [8, 8, 8]
+    engine.submit(GenerationRequest("bark", list(range(30, 70)), SamplingParams(max_tokens=2, temperature=0.0)),
+                  lambda event: None)
+    beside_ambient = step_tokens()
+    assert beside_ambient == {"bg": 8, "bark": 40}, beside_ambient  # the ambient line's prompt first
+    engine.submit(GenerationRequest("player", list(range(40, 60)), SamplingParams(max_tokens=6, temperature=0.0,
+                                                                                  ignore_eos=True), priority=1),
+                  lambda event: None)
+    player_prompt = step_tokens()
+    assert player_prompt["player"] == 20 and player_prompt["bg"] == 0, player_prompt
+    while "player" in engine.by_id:
+        decoding = step_tokens()
+        if "player" in decoding and "bg" in decoding:
+            assert decoding["player"] == 1 and 0 < decoding["bg"] <= 8, decoding
+    assert engine.by_id["bg"].kv_len > 24 + 8

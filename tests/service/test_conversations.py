@@ -51,8 +51,14 @@ def served(tmp_path_factory, real_model_dir):
 def test_a_40_turn_conversation_is_never_refused_and_reuses_its_prefix_every_line(served):
     _, stub, _ = served
     say(stub, persona="town_guard", line="Good day.")  # the persona's system turn is cached, as in a running game
-    results = [line(stub, "long-watch", f"Tell me about the {TOPICS[i % len(TOPICS)]}, guard. What do you know "
-                                        f"of it, and who keeps it?") for i in range(40)]
+
+    def asking(i: int) -> str:
+        return f"Tell me about the {TOPICS[i % len(TOPICS)]}, guard. What do you know of it, and who keeps it?"
+    results, first_lines = [], []
+    for i in range(40):
+        results.append(line(stub, "long-watch", asking(i)))
+        if i >= 30:  # a turn 1 beside each of the last ten turns: the same machine load, the same background work
+            first_lines.append(line(stub, f"new-watch-{i}", asking(i)))
     budget = 1024 - 16
     assert all(r.prompt_tokens <= budget for r in results)
     assert max(r.prompt_tokens for r in results) > budget * 0.7  # it did fill the window
@@ -70,14 +76,17 @@ def test_a_40_turn_conversation_is_never_refused_and_reuses_its_prefix_every_lin
     assert all(r.prompt_tokens - r.cached_prompt_tokens <= 3 * growth for r in results[1:]), (growth, [
         (r.prompt_tokens, r.cached_prompt_tokens) for r in results])
     ttft = [r.timings.first_token_ms for r in results]
-    # medians of ten turns: the last ten hold two window switches and two lines beside a background prompt
-    first, last = statistics.median(ttft[:10]), statistics.median(ttft[30:])
-    print(f"first-token ms: turns 1-10 median {first:.0f}, turns 31-40 median {last:.0f}; window moves at turns "
-          f"{[i + 1 for i in moved]}: {[round(ttft[i]) for i in moved]} ms; all: {[round(t) for t in ttft]}")
-    # the goal is 1.5x; measured 1.2x-2.05x between runs on a 2-core AVX2 CPU, 1.27x-1.68x on the Zen 4 with
-    # the VNNI block kernel and the 4-key attention scores, 1.33x (70 / 93 ms) on Sapphire Rapids (attention and the KV copy
-    # grow with the ~700 reused tokens): this bound catches a lost reuse (a full prefill is 10x), not the goal
-    assert last <= 2.5 * first, (first, last, [round(t) for t in ttft])
+    # Medians of ten. The turns 1 are measured between the last ten turns, so a load that drifts over the test's
+    # minute moves both (turns 1-10 against 31-40 measured 1.04x-1.52x between runs on the 2-core AVX2 CPU), and
+    # they give the background window the time a player's reading gives it: back to back (turns 16-31), the line
+    # after a window switch computed one exchange more and took ~2x. What grows with the ~700 reused tokens is
+    # the attention over them and their KV copy into the slot: 1.31x-1.37x in four runs there.
+    first, last = statistics.median(r.timings.first_token_ms for r in first_lines), statistics.median(ttft[30:])
+    print(f"first-token ms: turn 1 median {first:.0f} (turns 1-10 {statistics.median(ttft[:10]):.0f}), turns "
+          f"31-40 median {last:.0f}; window moves at turns {[i + 1 for i in moved]}: "
+          f"{[round(ttft[i]) for i in moved]} ms; all: {[round(t) for t in ttft]}")
+    assert all(r.history_turns == 0 for r in first_lines)
+    assert last <= 1.5 * first, (first, last, [round(t) for t in ttft])
     kept = stub.GetConversation(ref("long-watch"), timeout=RPC_TIMEOUT_S)
     assert len(kept.turns) == 80 and not kept.summary  # every turn is stored; town_guard drops, never summarises
     assert [t.npc for t in kept.turns[:4]] == [False, True, False, True]

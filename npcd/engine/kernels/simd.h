@@ -13,6 +13,20 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// hsum8 of 4 vectors at once, out[k] = hsum8(a[k]) bit for bit (the same pairs added in the same order,
+// 4 reductions sharing their shuffles): [lo + hi], then lanes 0+2 and 1+3, then those two.
+inline void hsum8x4(const __m256* a, float* out) {
+  const __m256 p01 = _mm256_add_ps(_mm256_permute2f128_ps(a[0], a[1], 0x20), _mm256_permute2f128_ps(a[0], a[1], 0x31));
+  const __m256 p23 = _mm256_add_ps(_mm256_permute2f128_ps(a[2], a[3], 0x20), _mm256_permute2f128_ps(a[2], a[3], 0x31));
+  // [a0 s0+s2, a0 s1+s3, a2 .., a2 .. | a1 .., a1 .., a3 .., a3 ..]
+  const __m256 q = _mm256_add_ps(_mm256_shuffle_ps(p01, p23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(p01, p23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m128 lo = _mm256_castps256_ps128(q), hi = _mm256_extractf128_ps(q, 1);
+  const __m128 sums = _mm_add_ps(_mm_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1)));  // [a0 a2 a1 a3]
+  _mm_storeu_ps(out, _mm_shuffle_ps(sums, sums, _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
 // e^x on 8 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes' coefficients),
 // times 2^n from the exponent bits; 0 below -87.3, x clamped to 88 above (e^88 ~ 1.7e38). Within 2 ulp
 // of std::exp, and each lane depends on its own input only.
