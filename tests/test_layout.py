@@ -34,3 +34,13 @@ def test_the_engine_does_load_torch():
 
 def test_engine_config_defaults_are_the_shipped_engine_file():
     assert EngineConfig() == EngineConfig.from_yaml(REPO / "engines" / "default.yaml")
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """`python bench/x.py` puts bench/ first on sys.path, so a script named like an installed module hides it
+    from every import in the run: bench/kernels.py once hid the `kernels` package that transformers imports,
+    and the peers benchmark failed at its first PEFT import."""
+    import importlib.util
+
+    clashes = [p.name for p in (REPO / "bench").rglob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    assert not clashes, clashes

@@ -23,7 +23,7 @@ its batch companions. With a scale per row and block, every output element is
 computed from its own row alone in a fixed order, so a line's text is the same
 alone and batched (bit-identical logits; tested).
 
-One step's 210 projection GEMMs, ms (batch 1 / 8 / 32; bench/kernels.py prints these
+One step's 210 projection GEMMs, ms (batch 1 / 8 / 32; bench/projections.py prints these
 for any machine): on the 2-core AVX2 EPYC fp32 `F.linear` 43.8 / 57.6 / 136, int4
 kernel 9.5 / 35.6 / 103, int8 kernel 10.0 / 32.2 / 111; on the 2-core Zen 4, whose
 build runs the AVX-512 VNNI path, fp32 28.6 / 33.1 / 62.7, bf16 (native there)

@@ -4,8 +4,8 @@ All 210 projection GEMMs of a SmolLM2-135M step (30 layers of q/k/v fused, o, ga
 random weights of the real shapes, at M = 1, 8 and 32 rows; best of a few runs of 5 steps each. Prints ms
 per step and the weight bytes read per second against the stream bandwidth measured in the same run.
 
-    python bench/kernels.py            # ~1 minute
-    python bench/kernels.py --threads 1
+    python bench/projections.py            # ~1 minute
+    python bench/projections.py --threads 1
 """
 
 from __future__ import annotations
