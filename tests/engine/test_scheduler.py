@@ -87,8 +87,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_line_keeps_decoding(tiny_c
 
 def test_the_daemons_own_prompts_take_small_chunks_and_none_beside_a_player_prompt(tiny_config):
     """Budget 64 (share 8): a background prompt (a conversation's next window) computes at most 8 tokens a step,
-    alone or in what an ambient line's prompt leaves, and nothing in the step that computes a player line's prompt, so the
-    player's first token waits for one small step at most; it goes on while the player line decodes."""
+    alone or in what an ambient line's prompt leaves, and nothing in the step that computes a player line's
+    prompt, so the player's first token waits for one small step at most; it goes on while the player decodes."""
     engine = Engine(tiny_config.replace(prefill_token_budget=64))
     background = GenerationRequest("bg", [(3 * i) % 900 + 20 for i in range(200)],
                                    SamplingParams(max_tokens=1, temperature=0.0), priority=BACKGROUND_PRIORITY)
