@@ -174,16 +174,15 @@ class Dialogue:
             try:
                 event = await self._run(request, "conversation beginning", conv.key)
                 current = self.store.get(conv.key)
-                # only a whole prompt leaves its KV behind: a shed (PREEMPTED) or failed one does not
-                if event is not None and event.reason in (FinishReason.STOP, FinishReason.LENGTH) \
-                        and current is not None:
+                if event is not None and current is not None:
                     then(current, persona, window, summary)
             finally:
                 self._warming.discard(conv.key)
         self._spawn(warm())
 
     async def _run(self, request: GenerationRequest, what: str, key: Key) -> Finished | None:
-        """A line of the daemon's own, to its end; None when it was refused (a full queue: best effort)."""
+        """A line of the daemon's own, to its end; None when it was refused (a full queue: best effort) or did not
+        run whole (shed for a player line, or failed): only a whole prompt leaves its KV behind."""
         try:
             stream = await self.submit(request)
         except BackendError as exc:
@@ -191,6 +190,10 @@ class Dialogue:
             return None
         async for event in stream:
             if isinstance(event, Finished):
+                if event.reason not in (FinishReason.STOP, FinishReason.LENGTH):
+                    self.log.warning(f"{what} ended early", conversation=key.conversation,
+                                     reason=event.reason.name, error=event.error)
+                    return None
                 self.log.debug(f"{what} computed", conversation=key.conversation, persona=key.persona,
                                prompt_tokens=event.prompt_tokens, ms=round(event.total_ms))
                 return event
@@ -218,7 +221,7 @@ class Dialogue:
                                         prefix_len=prompt.prefix_len, priority=BACKGROUND_PRIORITY,
                                         client=BACKGROUND_CLIENT)
             event = await self._run(request, "conversation summary", key)  # refused: the turns stay dropped
-            if event is not None and event.reason in (FinishReason.STOP, FinishReason.LENGTH) and event.text.strip():
+            if event is not None and event.text.strip():
                 conv = self.store.get(key)
                 if conv is not None:
                     self.log.info("conversation summarised", conversation=key.conversation, persona=key.persona,
