@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from npcd.engine.lora import LoraBatch, SegmentedLoraBatch
+from npcd.engine.lora import GROUPS, LoraBatch, SegmentedLoraBatch
 from npcd.engine.ops import pick_ops
-from npcd.engine.quant import Linear, WeightFactory
+from npcd.engine.quant import BlockLinear, Linear, WeightFactory
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,8 @@ class LlamaModel:
             self.layers.append(layer)
         self.cpu_kernels = factory.cpu_kernels
         self.ops = pick_ops(spec.rms_norm_eps, self.dtype, device, factory.cpu_kernels)
+        self.layer_loop = self._layer_loop()
+        self._lora_set: tuple[tuple[int, int], object] | None = None  # (stacks' generation and id, LoraSet)
         self._kernels = {**factory.describe(), "glue": self.ops.name}
         self.weight_bytes = sum(f.nbytes for layer in self.layers for f in (layer.qkv, layer.o, layer.gate_up,
                                                                              layer.down)) + self.head.nbytes
@@ -235,10 +237,35 @@ class LlamaModel:
         return {**self._kernels,
                 "attention": "per-token causal attention kernel (npcd/engine/kernels/decode.cpp)"
                              if self.ops.attention is not None else "scaled_dot_product_attention",
+                "layers": "one C++ loop over the layers (npcd/engine/kernels/layers.cpp)"
+                          if self.layer_loop is not None else "a Python loop over the layers",
                 "lora": "segmented kernel, fp32 accumulation in a fixed order (npcd/engine/kernels/lora.cpp)"
                         if self.ops.lora_add is not None else
                         f"bucketed bmm over adapter segments in {str(self.dtype).removeprefix('torch.')} "
                         "(npcd.engine.lora)"}
+
+    def _layer_loop(self) -> object | None:
+        """The C++ loop over the layers (npcd/engine/kernels/layers.cpp) where every projection is a block
+        linear and the glue is the fused kernels' (the block modes); None elsewhere, where `forward` loops in
+        Python. Both call the same kernels in the same order: the same logits, bit for bit (tested)."""
+        blocks = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in self.layers]
+        if self.ops.attention is None or not all(isinstance(f, BlockLinear) for fs in blocks for f in fs):
+            return None
+        module = self.cpu_kernels.module
+        layers = [(layer.input_norm, layer.post_norm, *(f.packed() for f in fs))
+                  for layer, fs in zip(self.layers, blocks)]
+        s = self.spec
+        return module.Decoder(layers, s.rms_norm_eps, s.num_heads, s.num_kv_heads, s.head_dim ** -0.5)
+
+    def _lora_set_of(self, lora: SegmentedLoraBatch) -> object:
+        """Every layer's stacks as the C++ loop takes them, rebuilt only when the stacks change."""
+        stacks = lora.stacks
+        key = (stacks.generation, id(stacks.stacks))
+        if self._lora_set is None or self._lora_set[0] != key:
+            groups = [(g.A, g.B, g.A_scale, g.B_scale) for layer in range(stacks.num_layers)
+                      for g in (stacks.stacks[(layer, name)] for name in GROUPS)]
+            self._lora_set = (key, self.cpu_kernels.module.LoraSet(groups))
+        return self._lora_set[1]
 
     # -- the forward -------------------------------------------------------
 
@@ -311,6 +338,11 @@ class LlamaModel:
             plans = self._plan(step, k_cache.shape[3])
         x = F.embedding(step.tokens, self.embed)                        # [n, H]
         lora = step.lora
+        if self.layer_loop is not None and not isinstance(lora, LoraBatch):
+            lora_set = self._lora_set_of(lora) if lora is not None else None
+            self.layer_loop.run(x, slots, positions, self.cos, self.sin, k_cache, v_cache, lora_set,
+                                lora.slots if lora is not None else slots)
+            return self._logits(x, step)
         h = ops.rms_norm(x, self.layers[0].input_norm)
         for li, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
@@ -340,7 +372,10 @@ class LlamaModel:
             else:
                 x.add_(out)
 
+        return self._logits(x, step)
+
+    def _logits(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         if step.all_logits:
-            return self.head(ops.rms_norm(x, self.norm)).float()
-        return self.head(ops.rms_norm(x.index_select(0, step.last_index), self.norm)).float()
+            return self.head(self.ops.rms_norm(x, self.norm)).float()
+        return self.head(self.ops.rms_norm(x.index_select(0, step.last_index), self.norm)).float()
 

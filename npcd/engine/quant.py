@@ -152,6 +152,10 @@ class BlockLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._op(x.contiguous(), self._q, self._sums, self._d, self._m, self._n, self._q4)
 
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
+        """The kernel's arguments after x, for the C++ layer loop (npcd/engine/kernels/layers.cpp)."""
+        return self._q, self._sums, self._d, self._m, self._n, self._q4
+
 
 class WeightFactory:
     """Turns dense [N, K] weights into the mode's linears; says which kernel each part got."""

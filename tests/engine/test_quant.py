@@ -141,6 +141,31 @@ def test_greedy_and_seeded_text_alone_equals_batched(real_model_dir, mode):
     assert engine.describe()["kernels"]["lora"].endswith(f"adapter stacks in {stacks}")  # the startup log says which
 
 
+@needs_kernel
+def test_the_cpp_layer_loop_gives_the_python_loops_logits_bit_for_bit(real_model_dir):
+    """The block modes run the layers in one C++ call (kernels/layers.cpp); it must be the Python loop's
+    arithmetic exactly: prompts with three adapters and a base row scored both ways, then a decode step."""
+    engine = Engine(EngineConfig(base=str(real_model_dir), weights="int4", max_batch_size=8, max_seq_len=128))
+    for name in ADAPTERS:
+        engine.load_adapter(name, str(PERSONA_ADAPTERS / name))
+    model = engine.model
+    assert model.layer_loop is not None and "C++ loop" in model.kernels()["layers"]
+    prompts = chat_prompts(engine, LINES[:4])
+    adapters = [*ADAPTERS, None]
+    by_cpp = engine.score(prompts, adapters)
+    loop, model.layer_loop = model.layer_loop, None
+    try:
+        by_python = engine.score(prompts, adapters)
+    finally:
+        model.layer_loop = loop
+    for row, (a, b) in enumerate(zip(by_cpp, by_python)):
+        assert torch.equal(a, b), f"row {row} (adapter {adapters[row]}): max diff {(a - b).abs().max().item()}"
+    # a changed stack (an adapter unloaded and another loaded into its slot) reaches the C++ loop's copy
+    engine.unload_adapter("merchant")
+    engine.load_adapter("merchant", str(PERSONA_ADAPTERS / "town_guard"))
+    assert torch.equal(engine.score(prompts[2:3], ["merchant"])[0], by_cpp[2])
+
+
 def test_weights_modes_are_checked_where_they_are_configured():
     with pytest.raises(ValueError, match="weights must be one of"):
         EngineConfig(weights="int3").validate()

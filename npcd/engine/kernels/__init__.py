@@ -2,8 +2,9 @@
 
 `blockq.cpp` is the block-quantized linear, `decode.cpp` the fused glue of an fp32
 step (norms, SiLU, rotary embedding, attention), `lora.cpp` the segmented
-mixed-adapter LoRA delta; each file's header says what it computes and why
-PyTorch's own paths were not enough. They are one extension, built with torch's
+mixed-adapter LoRA delta, `layers.cpp` a block-mode forward's loop over the layers
+calling them; each file's header says what it computes and why PyTorch's own paths
+(or Python) were not enough. They are one extension, built with torch's
 C++ extension loader at the first start that needs it (~45 s on 2 cores), with the
 ISA flags this CPU has (AVX2/FMA/F16C, plus the AVX-512 VNNI set where all of it is
 there: blockq.cpp then runs its VNNI path), into
@@ -26,8 +27,8 @@ from types import ModuleType
 
 from npcd.engine.platform import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp"))
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "blockq_amx.h"))  # part of the build's identity, not compiled on their own
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockq.cpp", "decode.cpp", "lora.cpp", "layers.cpp"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "blockq_amx.h", "layer_ops.h"))  # part of the build's identity, not compiled on their own
 # The flags that change the generated code; a cache directory is specific to them. Each set is used whole
 # or not at all: the VNNI path of blockq.cpp needs every flag of its set, the AMX path (blockq_amx.h) both tile
 # flags on top of it.

@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "layer_ops.h"
 #include "simd.h"
 
 #if !defined(__AVX2__) || !defined(__FMA__)
@@ -626,12 +627,19 @@ std::string path() {
 
 }  // namespace
 
+torch::Tensor npcd::block_linear(const torch::Tensor& x, const torch::Tensor& wq, const torch::Tensor& wsum,
+                                 const torch::Tensor& dw, const torch::Tensor& mw, int64_t N, bool q4) {
+  return linear(x, wq, wsum, dw, mw, N, q4);
+}
+
 void register_decode(pybind11::module& m);  // decode.cpp
 void register_lora(pybind11::module& m);    // lora.cpp
+void register_layers(pybind11::module& m);  // layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode(m);
   register_lora(m);
+  register_layers(m);
   m.def("linear", &linear, "block-quantized weight x per-block int8 activation linear");
   m.def("pack", &pack, "the block weights in the layout this build's linear reads");
   m.def("path", &path, "which arithmetic this build runs");

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <vector>
 
+#include "layer_ops.h"
 #include "simd.h"
 
 namespace {
@@ -301,6 +302,19 @@ torch::Tensor attention(const torch::Tensor& qkv, const torch::Tensor& slots, co
 }
 
 }  // namespace
+
+torch::Tensor npcd::rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  return ::rms_norm(x, w, eps);
+}
+torch::Tensor npcd::add_rms_norm(torch::Tensor& x, const torch::Tensor& r, const torch::Tensor& w, double eps) {
+  return ::add_rms_norm(x, r, w, eps);
+}
+torch::Tensor npcd::silu_mul(const torch::Tensor& gu) { return ::silu_mul(gu); }
+torch::Tensor npcd::attention(const torch::Tensor& qkv, const torch::Tensor& slots, const torch::Tensor& pos,
+                              const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+                              torch::Tensor& v_cache, int64_t nh, int64_t nkv, double scale) {
+  return ::attention(qkv, slots, pos, cos, sin, k_cache, v_cache, nh, nkv, scale);
+}
 
 void register_decode(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm");

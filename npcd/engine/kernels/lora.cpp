@@ -19,6 +19,8 @@
 // in tiles of kRows sharing each weight load.
 
 #include <torch/extension.h>
+
+#include "layer_ops.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -348,6 +350,12 @@ void lora_add(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A
 }
 
 }  // namespace
+
+void npcd::lora_add(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A,
+                    const std::vector<torch::Tensor>& Bs, const torch::Tensor& slots, const torch::Tensor& A_scale,
+                    const std::vector<torch::Tensor>& B_scales) {
+  ::lora_add(x, out, A, Bs, slots, A_scale, B_scales);
+}
 
 void register_lora(pybind11::module& m) {
   m.def("lora_add", &lora_add, "out += per-row-adapter LoRA delta (segmented, fixed summation order); "
