@@ -28,8 +28,8 @@ Adapters live in weight *stacks*, one slot per resident adapter, padded with
 zeros to the largest resident rank; a module an adapter does not target is
 zeros too, so different ranks and target sets share a batch. Scaling
 (alpha / r or alpha / sqrt(r) for rsLoRA) is folded into B at load time.
-Stacks are fp32, bf16 or int8 with a scale per column (`quantize_columns`; only npcd's CPU kernel,
-`SegmentedLoraBatch`, reads int8 ones).
+Stacks are fp32, bf16 or int8 with a scale per column (`quantize_columns`), the int8 ones laid out for
+integer dot products (`quad_offsets`; only npcd's CPU kernel, `SegmentedLoraBatch`, reads them).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -53,13 +53,36 @@ MODULE_GROUP = {m: g for g, members in GROUPS.items() for m in members}
 
 @dataclass
 class GroupStack:
-    """One layer's adapters for one projection group. An int8 stack's true weights are A * A_scale and
-    B[m] * B_scale[m], per column; a float stack has an empty A_scale and no B_scale."""
+    """One layer's adapters for one projection group. An int8 stack holds each slot's matrices as flat bytes
+    (quad_offsets says where each weight is), its true weights those times A_scale and B_scale[m], per column
+    (LoraStacks.weights); a float stack has an empty A_scale and no B_scale."""
 
-    A: torch.Tensor         # [slots, in, members * R]: member m's A^T in columns m*R:(m+1)*R
-    B: list[torch.Tensor]   # per member [slots, R, out_m]: B^T * scale
+    A: torch.Tensor         # [slots, in, members * R]: member m's A^T in columns m*R:(m+1)*R (int8: flat bytes)
+    B: list[torch.Tensor]   # per member [slots, R, out_m]: B^T * scale (int8: flat bytes)
     A_scale: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [slots, members * R] fp32
     B_scale: list[torch.Tensor] = field(default_factory=list)             # per member [slots, out_m] fp32
+
+
+QUAD = 4             # consecutive inputs of one column that one 32-bit lane of the kernel's dot products holds
+QUAD_ZERO = 128      # an int8 stack's byte for a zero weight: bytes hold q + 128
+QUAD_BLOCK_COLS = 128  # columns per contiguous block: the kernel's task unit (kCols in npcd/engine/kernels/lora.cpp)
+
+
+@cache
+def quad_offsets(rows: int, cols: int) -> torch.Tensor:
+    """Where element (k, c) of an int8 stack's [rows, cols] matrix (rows: the direction the kernel sums over) sits
+    in its flat ceil(rows / 4) * cols * 4 bytes: blocks of QUAD_BLOCK_COLS columns, the last one narrower, each
+    block's bytes contiguous and in it the 4 rows of a quad of one column adjacent, quad after quad. Adjacent
+    bytes are vpdpbusd's operand; a contiguous block is what one task unit of the kernel streams."""
+    k, c = torch.arange(rows).unsqueeze(1), torch.arange(cols).unsqueeze(0)
+    start = c - c % QUAD_BLOCK_COLS
+    width = (cols - start).clamp(max=QUAD_BLOCK_COLS)
+    return start * quads(rows) * QUAD + ((k // QUAD) * width + c % QUAD_BLOCK_COLS) * QUAD + k % QUAD
+
+
+def quads(rows: int) -> int:
+    """How many quads hold `rows` summed-over rows (the last one zero padded)."""
+    return -(-rows // QUAD)
 
 
 def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +92,11 @@ def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=0).float() / 127.0
     q = torch.round(w.float() / torch.where(scale > 0, scale, 1.0)).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _biased(q: torch.Tensor) -> torch.Tensor:
+    """int8 weights as an int8 stack's bytes hold them."""
+    return (q.to(torch.int16) + QUAD_ZERO).to(torch.uint8)
 
 
 class LoraStacks:
@@ -88,14 +116,29 @@ class LoraStacks:
         for layer in range(self.num_layers):
             for group, members in GROUPS.items():
                 fan_in = self.module_shapes[members[0]][0]
-                A = zeros(self.slots, fan_in, len(members) * rank, dtype=self.dtype)
-                B = [zeros(self.slots, rank, self.module_shapes[m][1], dtype=self.dtype) for m in members]
-                stack = GroupStack(A, B)
-                if self.quantized:
-                    stack.A_scale = zeros(self.slots, len(members) * rank)
-                    stack.B_scale = [zeros(self.slots, self.module_shapes[m][1]) for m in members]
+                if self.quantized:  # quad_offsets' bytes, filled with zero weights
+                    flat = partial(torch.full, fill_value=QUAD_ZERO, dtype=torch.uint8, device=self.device)
+                    A = flat((self.slots, quads(fan_in) * len(members) * rank * QUAD))
+                    B = [flat((self.slots, quads(rank) * self.module_shapes[m][1] * QUAD)) for m in members]
+                    stack = GroupStack(A, B, zeros(self.slots, len(members) * rank),
+                                       [zeros(self.slots, self.module_shapes[m][1]) for m in members])
+                else:
+                    A = zeros(self.slots, fan_in, len(members) * rank, dtype=self.dtype)
+                    B = [zeros(self.slots, rank, self.module_shapes[m][1], dtype=self.dtype) for m in members]
+                    stack = GroupStack(A, B)
                 out[(layer, group)] = stack
         return out
+
+    def weights(self, layer: int, group: str, slot: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Slot's true weights in one group, fp32: A [in, members * R] and each member's B [R, out_m]."""
+        stack = self.stacks[(layer, group)]
+        if not self.quantized:
+            return stack.A[slot].float(), [b[slot].float() for b in stack.B]
+        fan_in = self.module_shapes[GROUPS[group][0]][0]
+        A = stack.A[slot][quad_offsets(fan_in, stack.A_scale.shape[1])].float() - QUAD_ZERO
+        Bs = [(b[slot][quad_offsets(self.rank, scale.shape[1])].float() - QUAD_ZERO) * scale[slot]
+              for b, scale in zip(stack.B, stack.B_scale)]
+        return A * stack.A_scale[slot], Bs
 
     @property
     def quantized(self) -> bool:
@@ -103,22 +146,32 @@ class LoraStacks:
 
     def describe(self) -> str:
         """The stacks' dtype as the startup log says it."""
-        return "int8, a scale per column" if self.quantized else str(self.dtype).removeprefix("torch.")
+        if self.quantized:
+            return "int8, a scale per column, over int8 inputs per row and block of 32"
+        return str(self.dtype).removeprefix("torch.")
 
     def ensure_rank(self, rank: int) -> None:
         """Grow every stack to `rank` columns, keeping what is resident."""
         if rank <= self.rank:
             return
         grown = self._alloc(rank)
-        for key, old in self.stacks.items():
-            new = grown[key]
+        for (layer, group), old in self.stacks.items():
+            new = grown[(layer, group)]
             members = len(old.B)
+            fan_in = self.module_shapes[GROUPS[group][0]][0]
             for m in range(members):
-                new.A[:, :, m * rank:m * rank + self.rank] = old.A[:, :, m * self.rank:(m + 1) * self.rank]
-                new.B[m][:, :self.rank] = old.B[m]
-                if self.quantized:  # B's scales are per output column: zero rows added below them change none
-                    new.A_scale[:, m * rank:m * rank + self.rank] = old.A_scale[:, m * self.rank:(m + 1) * self.rank]
-                    new.B_scale[m].copy_(old.B_scale[m])
+                was, now = slice(m * self.rank, (m + 1) * self.rank), slice(m * rank, m * rank + self.rank)
+                if not self.quantized:
+                    new.A[:, :, now] = old.A[:, :, was]
+                    new.B[m][:, :self.rank] = old.B[m]
+                    continue
+                old_a = old.A[:, quad_offsets(fan_in, members * self.rank)[:, was]]
+                new.A[:, quad_offsets(fan_in, members * rank)[:, now]] = old_a
+                width = self.module_shapes[GROUPS[group][m]][1]
+                new.B[m][:, quad_offsets(rank, width)[:self.rank]] = old.B[m][:, quad_offsets(self.rank, width)]
+                # B's scales are per output column: zero rows added below them change none
+                new.A_scale[:, now] = old.A_scale[:, was]
+                new.B_scale[m].copy_(old.B_scale[m])
         self.stacks, self.rank = grown, rank
         self.generation += 1
 
@@ -134,18 +187,21 @@ class LoraStacks:
             stack = self.stacks[(layer, group)]
             r = a.shape[0]
             if self.quantized:
-                stack.A[slot, :, m * R:m * R + r], stack.A_scale[slot, m * R:m * R + r] = quantize_columns(a.t())
-                stack.B[m][slot, :r], stack.B_scale[m][slot] = quantize_columns(b.t())
+                qa, stack.A_scale[slot, m * R:m * R + r] = quantize_columns(a.t())
+                stack.A[slot][quad_offsets(a.shape[1], len(stack.B) * R)[:, m * R:m * R + r]] = _biased(qa)
+                qb, stack.B_scale[m][slot] = quantize_columns(b.t())
+                stack.B[m][slot][quad_offsets(R, b.shape[0])[:r]] = _biased(qb)
             else:
                 stack.A[slot, :, m * R:m * R + r] = a.t().to(self.dtype)
                 stack.B[m][slot, :r] = b.t().to(self.dtype)
         self.generation += 1
 
     def clear(self, slot: int) -> None:
+        zero = QUAD_ZERO if self.quantized else 0
         for stack in self.stacks.values():  # zero weights are a zero delta whatever the scales hold
-            stack.A[slot].zero_()
+            stack.A[slot].fill_(zero)
             for b in stack.B:
-                b[slot].zero_()
+                b[slot].fill_(zero)
         self.generation += 1
 
 

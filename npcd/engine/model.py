@@ -239,7 +239,7 @@ class LlamaModel:
                              if self.ops.attention is not None else "scaled_dot_product_attention",
                 "layers": "one C++ loop over the layers (npcd/engine/kernels/layers.cpp)"
                           if self.layer_loop is not None else "a Python loop over the layers",
-                "lora": "segmented kernel, fp32 accumulation in a fixed order (npcd/engine/kernels/lora.cpp)"
+                "lora": "segmented kernel, every sum in a fixed order (npcd/engine/kernels/lora.cpp)"
                         if self.ops.lora_add is not None else
                         f"bucketed bmm over adapter segments in {str(self.dtype).removeprefix('torch.')} "
                         "(npcd.engine.lora)"}

@@ -32,9 +32,10 @@ build runs the AVX-512 VNNI path, fp32 28.6 / 33.1 / 62.7, bf16 (native there)
 21.4 / 21.1 / 26.0, int4 4.3 / 7.4 / 17.8 (the VNNI build there: 4.9 / 9.3 / 25.4), int8
 7.1 / 8.3 / 12.9 (VNNI: 6.9 / 13.1 / 26.8).
 
-The LoRA deltas are computed in floating point on top of the quantized base (QLoRA-style
-serving): fp32 activations and accumulation over int8 adapter weights with a scale per column in
-the block modes (`lora_dtype`), see npcd.engine.lora.
+The LoRA deltas are computed on top of the quantized base (QLoRA-style serving), in the block
+modes over int8 adapter weights with a scale per column and int8 inputs with a scale per row and
+block of 32, summed exactly per block and in fp32 across blocks (`lora_dtype`; npcd.engine.lora,
+npcd/engine/kernels/lora.cpp).
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def lora_dtype(mode: str) -> torch.dtype:
     more than the whole 4-bit base (57 MB), so 8 distinct adapters in a decode step stream 625 MB. The block
     modes keep the stacks in int8 with a scale per column (156 MB; the kernel sums in fp32 and scales once):
     on the Sapphire Rapids machine a step's 120 deltas of 8 such adapters took 13.7 / 17.2 ms at batch 8 / 32 in
-    bf16 and 8.6 / 11.7 ms in int8 (the kernel alone, 2 threads). Its rounding is small beside the 4-bit base's
-    own: the shipped personas on the 4-bit base against fp32 weights and adapters, KL 0.0046 nats/token and
-    top-1 97.4% with bf16 stacks, 0.0051 and 96.6% with int8 (tests/engine/test_quant.py holds it to the
-    quality gate). fp32 mode keeps fp32 stacks: it is the reference the PEFT tests compare. bf16 mode keeps
+    bf16 and 8.6 / 11.7 ms in int8 (the kernel alone, 2 threads). The kernel quantizes the inputs too (per row
+    and block of 32) and sums each block as one integer dot product. Its rounding is small beside the 4-bit
+    base's own: the shipped personas on the 4-bit base against fp32 weights and adapters, KL 0.0046 nats/token
+    and top-1 97.4% with bf16 stacks, 0.0051 and 96.6% with int8 stacks over fp32 inputs (Sapphire Rapids), 0.0054
+    and 97.4% for both bf16 stacks and int8 stacks over int8 inputs (Zen 4; tests/engine/test_quant.py holds it
+    to the quality gate). fp32 mode keeps fp32 stacks: it is the reference the PEFT tests compare. bf16 mode keeps
     bf16, its own dtype."""
     return torch.int8 if mode in ("int8", "int4") else dense_dtype(mode)
 

@@ -69,9 +69,21 @@ def stacks(adapters) -> LoraStacks:
     return st
 
 
+def int8_inputs(v: torch.Tensor) -> torch.Tensor:
+    """v [..., K] as an int8 stack's kernel reads its inputs: per block of 32, round(v * 127 / max |v|), rounded
+    to even, times max |v| / 127, in fp32 as the kernel computes it."""
+    out = torch.empty_like(v)
+    for k0 in range(0, v.shape[-1], 32):
+        block = v[..., k0:k0 + 32]
+        amax = block.abs().amax(dim=-1, keepdim=True)
+        out[..., k0:k0 + 32] = torch.round(block * torch.where(amax > 0, 127.0 / amax, 0.0)) * (amax / 127.0)
+    return out
+
+
 def reference(adapters: dict[int, Adapter], row_slots: list[int], x: torch.Tensor, layer: int,
-              group: str) -> torch.Tensor:
-    """The delta row by row, from each adapter's own tensors: row i with adapter a gets B_m[a] @ A_m[a] @ x[i]."""
+              group: str, int8: bool = False) -> torch.Tensor:
+    """The delta row by row, from each adapter's own tensors: row i with adapter a gets B_m[a] @ A_m[a] @ x[i];
+    `int8`: with x[i] and A_m[a] @ x[i] quantized as int8 stacks' inputs are (in float64 between)."""
     delta = torch.zeros(len(row_slots), sum(SHAPES[m][1] for m in GROUPS[group]))
     for i, slot in enumerate(row_slots):
         col = 0
@@ -79,7 +91,11 @@ def reference(adapters: dict[int, Adapter], row_slots: list[int], x: torch.Tenso
             width = SHAPES[m][1]
             if slot >= 0 and (layer, m) in adapters[slot]:
                 a, b = adapters[slot][(layer, m)]
-                delta[i, col:col + width] = b @ (a @ x[i])
+                if int8:
+                    h = int8_inputs((a.double() @ int8_inputs(x[i]).double()).float())
+                    delta[i, col:col + width] = (b.double() @ h.double()).float()
+                else:
+                    delta[i, col:col + width] = b @ (a @ x[i])
             col += width
     return delta
 
@@ -103,7 +119,7 @@ def check(adapters: dict[int, Adapter], stacks: LoraStacks, row_slots: list[int]
         base = torch.randn(len(row_slots), sum(SHAPES[m][1] for m in GROUPS[group]), generator=gen)
         out = base.clone()
         batch.add_delta(x, out, layer, group)
-        torch.testing.assert_close(out, base + reference(adapters, row_slots, x, layer, group),
+        torch.testing.assert_close(out, base + reference(adapters, row_slots, x, layer, group, stacks.quantized),
                                    rtol=1e-5, atol=1e-5, msg=lambda m, where=f"layer {layer} {group}": f"{where}: {m}")
 
 
@@ -167,7 +183,8 @@ def _rounded(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
 def test_segmented_kernel_reads_compact_stacks(adapters, dtype):
     """bf16 stacks, and the block modes' int8 ones: the kernel equals the loop over the adapters as rounded
-    into the stack, whatever rank, targets and slot each adapter has."""
+    into the stack (int8: and over the inputs as it quantizes them), whatever rank, targets and slot each
+    adapter has."""
     rounded = {slot: {key: (_rounded(a, dtype), _rounded(b, dtype)) for key, (a, b) in tensors.items()}
                for slot, tensors in adapters.items()}
     st = LoraStacks(SHAPES, LAYERS, SLOTS, dtype, torch.device("cpu"))
@@ -219,25 +236,25 @@ def wide_stacks(request) -> LoraStacks:
 @pytest.mark.parametrize("rows", [[0, 0, 0, 1, 2, 2, 3, -1, 1], [2] * 14 + [0, -1, 1]], ids=["decode", "prompt"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_segmented_kernel_at_widths_that_take_every_vector_path(build, wide_stacks, group, rows):
-    """Against torch matmuls over the same bf16 (or int8, scaled) stacks, in every build this machine runs; and
-    the AVX-512 and AVX2 builds agree bit for bit: both sum each element as one FMA chain over k ascending, only
-    the vector width differs, so a line's adapter delta does not depend on the CPU kind or the path a build
-    takes. A prompt's 14 rows of one slot take the AVX2 build's converted panels (tiles of 6, 6 and 2 rows):
-    each of its rows gets the bits it gets alone."""
-    stack = wide_stacks.stacks[(0, group)]
-    x = torch.randn(len(rows), stack.A.shape[1], generator=torch.Generator().manual_seed(3))
-    got = torch.zeros(len(rows), sum(b.shape[2] for b in stack.B))
+    """Against torch matmuls over the same bf16 (or int8, scaled, over inputs quantized as the kernel does)
+    stacks, in every build this machine runs; and the AVX-512 and AVX2 builds agree bit for bit: both sum each
+    element as one FMA chain over k ascending (int8: exact integer dots per block of 32, then one FMA chain over
+    the blocks), only the vector width differs, so a line's adapter delta does not depend on the CPU kind or the
+    path a build takes. A prompt's 14 rows of one slot take the AVX2 build's converted panels (bf16: tiles of 6,
+    6 and 2 rows; int8: tiles of 4, 2 and 1 on AVX-512): each of its rows gets the bits it gets alone."""
+    members = GROUPS[group]
+    x = torch.randn(len(rows), WIDE[members[0]][0], generator=torch.Generator().manual_seed(3))
+    got = torch.zeros(len(rows), sum(WIDE[m][1] for m in members))
     SegmentedLoraBatch(rows, wide_stacks, build.module.lora_add).add_delta(x, got, 0, group)
-    rank = stack.B[0].shape[1]
+    rank = wide_stacks.rank
+    inputs = int8_inputs if wide_stacks.quantized else (lambda v: v)
     for i, slot in enumerate(rows):
         if slot < 0:
             assert torch.equal(got[i], torch.zeros_like(got[i]))
             continue
-        A = stack.A[slot].double() * (stack.A_scale[slot].double() if wide_stacks.quantized else 1.0)
-        Bs = [b[slot].double() * (stack.B_scale[m][slot].double() if wide_stacks.quantized else 1.0)
-              for m, b in enumerate(stack.B)]
-        h = x[i].double() @ A
-        expected = torch.cat([h[m * rank:(m + 1) * rank] @ b for m, b in enumerate(Bs)])
+        A, Bs = wide_stacks.weights(0, group, slot)
+        h = (inputs(x[i]).double() @ A.double()).float()
+        expected = torch.cat([inputs(h[m * rank:(m + 1) * rank]).double() @ b.double() for m, b in enumerate(Bs)])
         torch.testing.assert_close(got[i].double(), expected, rtol=1e-5, atol=1e-5)
     for flags in runnable_isa_levels():
         other = torch.zeros_like(got)

@@ -137,7 +137,7 @@ def test_greedy_and_seeded_text_alone_equals_batched(real_model_dir, mode):
         batched = [f.text for f in engine.generate(requests("batched"))]
         assert alone == batched, temperature
     assert engine.describe()["batch_invariant"] is True
-    stacks = "int8, a scale per column" if mode == "int4" else "float32"
+    stacks = "int8, a scale per column, over int8 inputs per row and block of 32" if mode == "int4" else "float32"
     assert engine.describe()["kernels"]["lora"].endswith(f"adapter stacks in {stacks}")  # the startup log says which
 
 
