@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 
 import pytest
 import torch
@@ -330,3 +331,21 @@ def test_int8_stacks_keep_the_delta_within_a_percent_and_grow_their_rank(adapter
     assert sorted(errors)[len(errors) // 2] < 0.01 and max(errors) < 0.06, (sorted(errors)[len(errors) // 2], max(errors))
     with pytest.raises(ValueError, match="int8 LoRA stacks"):
         LoraBatch(rows, packed, GatherCache())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are madvised on Linux only")
+def test_int8_stacks_live_in_one_buffer_aligned_for_huge_pages():
+    """Every int8 matrix of the stacks is a view of one buffer (huge_page_bytes: 2 MB aligned, madvised for
+    transparent huge pages), so a step's stream of adapter weights crosses few page boundaries; growing the
+    rank lays them out in a new such buffer."""
+    st = LoraStacks({m: (576, 576) for m in SHAPES}, 4, 8, torch.int8, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    st.write(0, {(0, "q_proj"): (torch.randn(16, 576, generator=gen), torch.randn(576, 16, generator=gen))})
+    for rank in (16, 64):
+        st.ensure_rank(rank)
+        tensors = [t for stack in st.stacks.values() for t in (stack.A, *stack.B)]
+        storages = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storages) == 1
+        first = min(t.data_ptr() for t in tensors)
+        assert first % (2 << 20) == 0
+        assert sum(t.numel() for t in tensors) == max(t.data_ptr() + t.numel() for t in tensors) - first
