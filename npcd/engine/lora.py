@@ -34,14 +34,14 @@ integer dot products (`quad_offsets`; only npcd's CPU kernel, `SegmentedLoraBatc
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
 
 import torch
+
+from npcd.engine.pages import huge_page_bytes
 
 # Projection groups sharing one input, in the column order of the fused base weights.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -96,31 +96,6 @@ def quantize_columns(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # linux/mman.h
-
-
-def huge_page_bytes(n: int, device: torch.device) -> torch.Tensor:
-    """n uint8 bytes on `device`; on Linux CPUs, 2 MB aligned and madvise(MADV_HUGEPAGE)d before their first
-    touch, so that transparent huge pages back them where the kernel allows (THP `madvise` or `always`).
-
-    Why: the hardware prefetchers stop at every 4 KB page, and a step streams each adapter's matrices (36-200 KB
-    each) once. Measured on the Zen 4 machine, a step's 120 deltas of 8 int8 rank-64 adapters from memory, in
-    one run: 13.7 -> 12.1 ms at batch 8, 3.2 -> 2.9 ms at batch 1. Torch's own switch for this,
-    THP_MEM_ALLOC_ENABLE, is read once per process, before npcd is imported."""
-    if device.type != "cpu" or n < HUGE_PAGE or not sys.platform.startswith("linux"):
-        return torch.empty(n, dtype=torch.uint8, device=device)
-    buffer = torch.empty(n + HUGE_PAGE, dtype=torch.uint8)
-    start = -buffer.data_ptr() % HUGE_PAGE
-    _libc().madvise(ctypes.c_void_p(buffer.data_ptr() + start), ctypes.c_size_t(n), MADV_HUGEPAGE)  # a hint
-    return buffer[start:start + n]
-
-
-@cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None)
-
-
 def _biased(q: torch.Tensor) -> torch.Tensor:
     """int8 weights as an int8 stack's bytes hold them."""
     return (q.to(torch.int16) + QUAD_ZERO).to(torch.uint8)
@@ -140,7 +115,7 @@ class LoraStacks:
     def _alloc(self, rank: int) -> dict[tuple[int, str], GroupStack]:
         out = {}
         zeros = partial(torch.zeros, device=self.device)
-        if self.quantized:  # every int8 matrix in one buffer of quad_offsets' bytes, filled with zero weights
+        if self.quantized:  # every int8 matrix in one huge-page buffer (npcd.engine.pages), zero weights to start
             per_slot = [quads(self.module_shapes[members[0]][0]) * len(members) * rank * QUAD
                         for members in GROUPS.values()]
             per_slot += [quads(rank) * self.module_shapes[m][1] * QUAD for members in GROUPS.values() for m in members]

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from npcd.engine.lora import GROUPS, LoraBatch, SegmentedLoraBatch
 from npcd.engine.ops import pick_ops
-from npcd.engine.quant import BlockLinear, Linear, WeightFactory
+from npcd.engine.quant import BlockLinear, Linear, WeightFactory, gather_in_huge_pages
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,10 @@ class _BlockPlan:
 class LayerWeights:
     __slots__ = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
 
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's projections, in the order the forward runs them."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     """Llama 3.x long-context frequency scaling (smooth interpolation between bands)."""
@@ -202,13 +206,13 @@ class LlamaModel:
             layer.gate_up = factory.projection(cat(p + "mlp.", ("gate_proj", "up_proj")))
             layer.down = factory.projection(weights[p + "mlp.down_proj.weight"])
             self.layers.append(layer)
+        gather_in_huge_pages([self.head, *(f for layer in self.layers for f in layer.linears())])
         self.cpu_kernels = factory.cpu_kernels
         self.ops = pick_ops(spec.rms_norm_eps, self.dtype, device, factory.cpu_kernels)
         self.layer_loop = self._layer_loop()
         self._lora_set: tuple[tuple[int, int], object] | None = None  # (stacks' generation and id, LoraSet)
         self._kernels = {**factory.describe(), "glue": self.ops.name}
-        self.weight_bytes = sum(f.nbytes for layer in self.layers for f in (layer.qkv, layer.o, layer.gate_up,
-                                                                             layer.down)) + self.head.nbytes
+        self.weight_bytes = sum(f.nbytes for layer in self.layers for f in layer.linears()) + self.head.nbytes
 
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
         if spec.rope_scaling:
@@ -248,7 +252,7 @@ class LlamaModel:
         """The C++ loop over the layers (npcd/engine/kernels/layers.cpp) where every projection is a block
         linear and the glue is the fused kernels' (the block modes); None elsewhere, where `forward` loops in
         Python. Both call the same kernels in the same order: the same logits, bit for bit (tested)."""
-        blocks = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in self.layers]
+        blocks = [layer.linears() for layer in self.layers]
         if self.ops.attention is None or not all(isinstance(f, BlockLinear) for fs in blocks for f in fs):
             return None
         module = self.cpu_kernels.module

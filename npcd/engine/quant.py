@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from npcd.engine.kernels import LoadedKernel, load_cpu_kernels
+from npcd.engine.pages import into_huge_pages
 
 WEIGHT_MODES = ("fp32", "bf16", "int8", "int4")
 BLOCK = 32  # inputs per scale; the kernel's block
@@ -158,6 +159,15 @@ class BlockLinear:
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool]:
         """The kernel's arguments after x, for the C++ layer loop (npcd/engine/kernels/layers.cpp)."""
         return self._q, self._sums, self._d, self._m, self._n, self._q4
+
+
+def gather_in_huge_pages(linears: list[Linear]) -> None:
+    """Moves the packed tensors of every BlockLinear among `linears` into one buffer of huge pages
+    (npcd.engine.pages says why, with the measurements)."""
+    blocks = [f for f in linears if isinstance(f, BlockLinear)]
+    moved = iter(into_huge_pages([t for f in blocks for t in (f._q, f._sums, f._d, f._m)]))
+    for f in blocks:
+        f._q, f._sums, f._d, f._m = next(moved), next(moved), next(moved), next(moved)
 
 
 class WeightFactory:

@@ -3,6 +3,7 @@ companions, and which mode `auto` picks where."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,16 @@ def test_a_block_mode_without_its_kernel_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match=r"weights: int4 needs npcd's block kernel.*no C\+\+ compiler"):
         WeightFactory("int4", torch.device("cpu"))
     assert WeightFactory("fp32", torch.device("cpu")).describe()["projections"] == "fp32 linear"
+
+
+@needs_kernel
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are madvised on Linux only")
+def test_the_block_weights_live_in_one_buffer_aligned_for_huge_pages(real_model_dir):
+    """Every packed tensor of the projections and the head is a view of one buffer (npcd.engine.pages: 2 MB
+    aligned, madvised for transparent huge pages, each tensor on a cache line)."""
+    model = Engine(EngineConfig(base=str(real_model_dir), weights="int4", max_batch_size=2, max_seq_len=64)).model
+    linears = [model.head, *(f for layer in model.layers for f in layer.linears())]
+    tensors = [t for f in linears for t in f.packed()[:4]]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert min(t.data_ptr() for t in tensors) % (2 << 20) == 0
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
