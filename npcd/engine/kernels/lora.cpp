@@ -38,7 +38,6 @@
 #include <cmath>
 #include <cstring>
 #include <map>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -242,6 +241,26 @@ std::vector<std::pair<int64_t, std::vector<int64_t>>> segments_of(const torch::T
   return {by_slot.begin(), by_slot.end()};
 }
 
+// The expand's task units, (segment, member, first column) for each kCols-wide block of each member's output,
+// and each member's first column in the fused output.
+struct ExpandPlan {
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> units;
+  std::vector<int64_t> offsets;
+};
+
+ExpandPlan expand_plan(int64_t segments, const std::vector<int64_t>& widths) {
+  ExpandPlan plan;
+  int64_t off = 0;
+  for (int64_t width : widths) {
+    plan.offsets.push_back(off);
+    off += width;
+  }
+  for (int64_t s = 0; s < segments; ++s)
+    for (size_t m = 0; m < widths.size(); ++m)
+      for (int64_t c0 = 0; c0 < widths[m]; c0 += kCols) plan.units.emplace_back(s, static_cast<int64_t>(m), c0);
+  return plan;
+}
+
 template <typename TW>
 void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& A,
                     const std::vector<torch::Tensor>& Bs, const torch::Tensor& slots) {
@@ -288,17 +307,12 @@ void lora_add_typed(const torch::Tensor& x, torch::Tensor& out, const torch::Ten
     }
   });
 
-  // expand: units (segment, member, column block of that member's output)
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> units;  // segment, member, c0
-  std::vector<int64_t> offsets;
-  int64_t off = 0;
-  for (int64_t m = 0; m < members; ++m) {
-    offsets.push_back(off);
-    off += Bs[m].size(2);
-  }
-  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
-    for (int64_t m = 0; m < members; ++m)
-      for (int64_t c0 = 0; c0 < Bs[m].size(2); c0 += kCols) units.emplace_back(s, m, c0);
+  std::vector<int64_t> widths;
+  for (const auto& B : Bs) widths.push_back(B.size(2));
+  // named references, not a structured binding: a C++17 lambda cannot capture one
+  const ExpandPlan plan = expand_plan(static_cast<int64_t>(segments.size()), widths);
+  const auto& units = plan.units;
+  const auto& offsets = plan.offsets;
   at::parallel_for(0, static_cast<int64_t>(units.size()), 4, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
       const auto [s, m, c0] = units[u];
@@ -588,12 +602,11 @@ void lora_add_quads(const torch::Tensor& x, torch::Tensor& out, const torch::Ten
 
   const int64_t h_blocks = (C + kCols - 1) / kCols;
   const int64_t shrink_units = static_cast<int64_t>(segments.size()) * h_blocks;
-  std::vector<std::tuple<int64_t, int64_t, int64_t>> expand_units;  // segment, member, c0
-  std::vector<int64_t> offsets;
-  for (int64_t m = 0, off = 0; m < members; off += B_scales[m].size(1), ++m) offsets.push_back(off);
-  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
-    for (int64_t m = 0; m < members; ++m)
-      for (int64_t c0 = 0; c0 < B_scales[m].size(1); c0 += kCols) expand_units.emplace_back(s, m, c0);
+  std::vector<int64_t> widths;
+  for (const auto& scale : B_scales) widths.push_back(scale.size(1));
+  const ExpandPlan plan = expand_plan(static_cast<int64_t>(segments.size()), widths);
+  const auto& expand_units = plan.units;
+  const auto& offsets = plan.offsets;
   const int64_t n_active = static_cast<int64_t>(active.size()), n_expand = static_cast<int64_t>(expand_units.size());
 
   // One parallel region for the four phases (each `omp for` ends on a barrier): at batch 1 a step makes 120
